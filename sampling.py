@@ -1,0 +1,389 @@
+"""Samplers for score-based models: Langevin dynamics, predictor-corrector, probability-flow ODE.
+
+Every sampler takes the score as an argument, ``score_fn(x, t) -> score`` with
+``t`` a ``[batch]`` array, so an analytic score, a network with bound parameters
+or a guided sum plug in alike. Pass it as a pytree (``jax.tree_util.Partial(fn,
+params)``): new parameter values then reuse the compiled sampler. Every sampler
+returns ``(samples, nfe)``, nfe being the number of score evaluations made.
+
+Predictors and correctors are pure steps with one signature each:
+
+  predictor.update(sde, score_fn, key, x, t, dt, state) -> (x, x_mean, state)
+  corrector.update(sde, score_fn, key, x, t, snr) -> (x, x_mean)
+
+``state`` is the predictor's explicit solver state (``predictor.init(x)``; empty
+for the one-step methods here), so multistep methods fit the same loop.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import ode_solvers
+import sde_lib
+from sde_lib import batch_broadcast
+
+
+def _as_pytree(score_fn):
+  """Wraps a plain function so it can be passed through ``jax.jit`` as an argument."""
+  if isinstance(score_fn, jax.tree_util.Partial):
+    return score_fn
+  return jax.tree_util.Partial(score_fn)
+
+
+def _per_example_norm(v):
+  return jnp.sqrt(jnp.sum(jnp.reshape(v, (v.shape[0], -1))**2, axis=-1))
+
+
+# -----------------------------------------------------------------------------
+# Predictors: one step of a discretized reverse SDE, from t to t + dt (dt < 0).
+# -----------------------------------------------------------------------------
+
+
+class Predictor(NamedTuple):
+  init: Callable[[jax.Array], Any]   # x -> solver state
+  update: Callable[..., tuple]       # (sde, score_fn, key, x, t, dt, state) -> (x, x_mean, state)
+  nfe: int                           # score evaluations per step
+
+
+def _no_state(x):
+  del x
+  return ()
+
+
+def _euler_maruyama(sde, score_fn, key, x, t, dt, state, probability_flow=False):
+  """Euler–Maruyama on the reverse SDE: x_mean = x + f_rev dt, x = x_mean + g sqrt(-dt) z."""
+  drift, diffusion = sde.reverse(score_fn, probability_flow).sde(x, t)
+  x_mean = x + drift * dt
+  z = jax.random.normal(key, x.shape, x.dtype)
+  x = x_mean + batch_broadcast(diffusion * jnp.sqrt(-dt), x) * z
+  return x, x_mean, state
+
+
+def _reverse_diffusion(sde, score_fn, key, x, t, dt, state, probability_flow=False):
+  """Reverse diffusion (eq. 46): x_mean = x - f_rev, x = x_mean + G_rev z."""
+  del dt
+  f, G = sde.reverse(score_fn, probability_flow).discretize(x, t)
+  x_mean = x - f
+  z = jax.random.normal(key, x.shape, x.dtype)
+  return x_mean + batch_broadcast(G, x) * z, x_mean, state
+
+
+def _ancestral_sampling(sde, score_fn, key, x, t, dt, state, probability_flow=False):
+  """Ancestral sampling (eq. 47): the SDE's own ancestral rule (SMLD, DDPM, or Gaussian posterior)."""
+  del dt
+  if probability_flow:
+    raise ValueError('ancestral_sampling has no probability-flow form; '
+                     'use reverse_diffusion or euler_maruyama with probability_flow=True')
+  x_mean, noise_std = sde.ancestral_step(x, t, score_fn(x, t))
+  z = jax.random.normal(key, x.shape, x.dtype)
+  return x_mean + batch_broadcast(noise_std, x) * z, x_mean, state
+
+
+def _no_predictor(sde, score_fn, key, x, t, dt, state, probability_flow=False):
+  """Identity step: no score evaluation."""
+  del sde, score_fn, key, t, dt, probability_flow
+  return x, x, state
+
+
+_PREDICTOR_STEPS = {
+    'euler_maruyama': (_euler_maruyama, 1),
+    'reverse_diffusion': (_reverse_diffusion, 1),
+    'ancestral_sampling': (_ancestral_sampling, 1),
+    'none': (_no_predictor, 0),
+}
+PREDICTORS = tuple(_PREDICTOR_STEPS)
+
+
+def get_predictor(name: str, probability_flow: bool = False) -> Predictor:
+  """Looks a predictor up by name; a ValueError lists the valid names."""
+  try:
+    update, nfe = _PREDICTOR_STEPS[name.lower()]
+  except KeyError:
+    raise ValueError(f'Unknown predictor {name!r}; valid predictors: {list(PREDICTORS)}') from None
+  return Predictor(_no_state, functools.partial(update, probability_flow=probability_flow), nfe)
+
+
+# -----------------------------------------------------------------------------
+# Correctors: n_steps of (annealed) Langevin MCMC at fixed t.
+# -----------------------------------------------------------------------------
+
+
+class Corrector(NamedTuple):
+  update: Callable[..., tuple]   # (sde, score_fn, key, x, t) -> (x, x_mean)
+  nfe: int                       # score evaluations per call (n_steps)
+
+
+def _langevin_loop(step_size_fn, sde, score_fn, key, x, t, n_steps):
+  """x_mean = x + eps s(x, t); x = x_mean + sqrt(2 eps) z, repeated n_steps times."""
+
+  def body(carry, key):
+    x, _ = carry
+    score = score_fn(x, t)
+    z = jax.random.normal(key, x.shape, x.dtype)
+    step = step_size_fn(sde, score, z, t)
+    x_mean = x + batch_broadcast(step, x) * score
+    x = x_mean + batch_broadcast(jnp.sqrt(2 * step), x) * z
+    return (x, x_mean), None
+
+  (x, x_mean), _ = jax.lax.scan(body, (x, x), jax.random.split(key, n_steps))
+  return x, x_mean
+
+
+def _snr_step(sde, score, z, t, snr):
+  """Algorithm 5 of the SDE paper: eps = 2 alpha (snr ||z|| / ||s||)^2, norms averaged over the batch."""
+  grad_norm = jnp.mean(_per_example_norm(score))
+  noise_norm = jnp.mean(_per_example_norm(z))
+  return 2 * sde.langevin_alpha(t) * (snr * noise_norm / grad_norm)**2
+
+
+def _annealed_step(sde, score, z, t, snr):
+  """Annealed Langevin (NCSN) step rule in time form: eps = 2 alpha (snr std_t)^2."""
+  del score, z
+  _, std = sde.marginal_coeffs(t)
+  return 2 * sde.langevin_alpha(t) * (snr * std)**2
+
+
+def _no_corrector(sde, score_fn, key, x, t):
+  del sde, score_fn, key, t
+  return x, x
+
+
+_CORRECTOR_RULES = {'langevin': _snr_step, 'ald': _annealed_step, 'none': None}
+CORRECTORS = tuple(_CORRECTOR_RULES)
+
+
+def get_corrector(name: str, snr: float = 0.16, n_steps: int = 1) -> Corrector:
+  """Looks a corrector up by name; a ValueError lists the valid names."""
+  try:
+    rule = _CORRECTOR_RULES[name.lower()]
+  except KeyError:
+    raise ValueError(f'Unknown corrector {name!r}; valid correctors: {list(CORRECTORS)}') from None
+  if rule is None:
+    return Corrector(_no_corrector, 0)
+  if n_steps < 1:
+    raise ValueError(f'n_steps must be at least 1 for corrector {name!r}, got {n_steps}')
+  step_size_fn = functools.partial(rule, snr=snr)
+  return Corrector(functools.partial(_langevin_loop, step_size_fn, n_steps=n_steps), n_steps)
+
+
+# -----------------------------------------------------------------------------
+# Predictor-corrector sampling (Algorithm 1 of the SDE paper).
+# -----------------------------------------------------------------------------
+
+
+def reverse_time_grid(sde: sde_lib.SDE, eps: float):
+  """The N times linspace(T, eps, N) at which the reverse chain evaluates the score.
+
+  As in the reference, each of the N steps has dt = -T/N: the chain covers
+  [T, 0] and evaluates at t >= eps, which keeps clear of the singular t = 0.
+  """
+  return jnp.linspace(sde.T, eps, sde.N), -sde.T / sde.N
+
+
+def pc_update(sde, predictor: Predictor, corrector: Corrector, score_fn, key, x, t, dt, state):
+  """One step of Algorithm 1: the corrector at t, then the predictor from t to t + dt.
+
+  Algorithm 1 (SDE paper) writes the predictor first and the corrector after it,
+  at the new time; the loop below is the same sequence shifted by half a step
+  (corrector at T on the prior sample, then predictor, ...), as the reference
+  implementation runs it, so that the last operation is a predictor step whose
+  noise-free mean can be returned (``denoise``).
+  """
+  k_corr, k_pred = jax.random.split(key)
+  t_vec = jnp.full(x.shape[:1], t, x.dtype)
+  x, _ = corrector.update(sde, score_fn, k_corr, x, t_vec)
+  return predictor.update(sde, score_fn, k_pred, x, t_vec, dt, state)
+
+
+def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | Predictor = 'reverse_diffusion',
+                   corrector: str | Corrector = 'langevin', snr: float = 0.16,
+                   n_steps: int = 1, probability_flow: bool = False, denoise: bool = True,
+                   eps: float = 1e-3):
+  """Predictor-corrector sampler over ``sde.N`` steps on ``lax.scan``.
+
+  Args:
+    sde: the forward SDE.
+    shape: the batch shape ``[batch, ...]`` of the samples.
+    predictor: a name in ``PREDICTORS`` or a ``Predictor``.
+    corrector: a name in ``CORRECTORS`` or a ``Corrector``.
+    snr: signal-to-noise ratio of the Langevin corrector's step rule.
+    n_steps: corrector steps per time step.
+    probability_flow: predict with the probability-flow ODE instead of the reverse SDE.
+    denoise: return the noise-free mean of the last predictor step.
+    eps: the smallest time evaluated.
+
+  Returns:
+    ``sampler(key, score_fn) -> (samples [shape], nfe)``, jit-compiled once per
+    score function type (parameters bound as pytree leaves do not recompile).
+  """
+  if not isinstance(predictor, Predictor):
+    predictor = get_predictor(predictor, probability_flow)
+  if not isinstance(corrector, Corrector):
+    corrector = get_corrector(corrector, snr, n_steps)
+  timesteps, dt = reverse_time_grid(sde, eps)
+  nfe = sde.N * (predictor.nfe + corrector.nfe)
+
+  @jax.jit
+  def _sample(key, score_fn):
+    key, k_prior = jax.random.split(key)
+    x = sde.prior_sampling(k_prior, shape)
+
+    def body(carry, inputs):
+      x, _, state = carry
+      t, key = inputs
+      return pc_update(sde, predictor, corrector, score_fn, key, x, t, dt, state), None
+
+    init = (x, x, predictor.init(x))
+    (x, x_mean, _), _ = jax.lax.scan(body, init, (timesteps, jax.random.split(key, sde.N)))
+    return x_mean if denoise else x
+
+  def sampler(key, score_fn):
+    return _sample(key, _as_pytree(score_fn)), nfe
+
+  return sampler
+
+
+# -----------------------------------------------------------------------------
+# Langevin dynamics (the seed's naive method) and annealed Langevin dynamics (NCSN).
+# -----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=('n_steps',))
+def _langevin_dynamics(score_fn, key, x, step_size, n_steps):
+  t = jnp.zeros(x.shape[:1], x.dtype)
+
+  def body(x, key):
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return x + 0.5 * step_size * score_fn(x, t) + jnp.sqrt(step_size) * z, None
+
+  x, _ = jax.lax.scan(body, x, jax.random.split(key, n_steps))
+  return x
+
+
+def langevin_dynamics(score_fn, key, x_init, step_size: float, n_steps: int):
+  """Langevin MCMC x <- x + (eps/2) s(x) + sqrt(eps) z for a time-independent score.
+
+  ``score_fn(x, t)`` is called with ``t = 0``. Mixes badly between separated
+  modes (the failure that motivates annealing, NCSN section 3).
+
+  Returns ``(samples, nfe)``.
+  """
+  if step_size <= 0:
+    raise ValueError(f'step_size must be positive, got {step_size}')
+  return _langevin_dynamics(_as_pytree(score_fn), key, x_init, step_size, n_steps), n_steps
+
+
+def geometric_sigmas(sigma_max: float, sigma_min: float, num_scales: int):
+  """NCSN's noise levels sigma_1 > ... > sigma_L, geometric."""
+  return jnp.exp(jnp.linspace(jnp.log(sigma_max), jnp.log(sigma_min), num_scales))
+
+
+@functools.partial(jax.jit, static_argnames=('n_steps_each', 'denoise'))
+def _annealed_langevin(score_fn, key, x, sigmas, n_steps_each, step_lr, denoise):
+  batch = x.shape[:1]
+
+  def level(x, inputs):
+    sigma, key = inputs
+    alpha = step_lr * (sigma / sigmas[-1])**2
+    s = jnp.full(batch, sigma, x.dtype)
+
+    def step(x, key):
+      z = jax.random.normal(key, x.shape, x.dtype)
+      return x + 0.5 * alpha * score_fn(x, s) + jnp.sqrt(alpha) * z, None
+
+    x, _ = jax.lax.scan(step, x, jax.random.split(key, n_steps_each))
+    return x, None
+
+  x, _ = jax.lax.scan(level, x, (sigmas, jax.random.split(key, sigmas.shape[0])))
+  if denoise:   # Tweedie's formula at the smallest level (NCSNv2, section 3.2 / appendix)
+    s = jnp.full(batch, sigmas[-1], x.dtype)
+    x = x + sigmas[-1]**2 * score_fn(x, s)
+  return x
+
+
+def annealed_langevin_dynamics(score_fn, key, x_init, sigmas, n_steps_each: int = 100,
+                               step_lr: float = 2e-5, denoise: bool = False):
+  """Annealed Langevin dynamics, Algorithm 1 of NCSN (Song & Ermon 2019).
+
+  For each sigma_i (decreasing), ``n_steps_each`` steps of Langevin MCMC with step
+  alpha_i = step_lr sigma_i^2 / sigma_L^2 on the noise-conditional score.
+
+  Args:
+    score_fn: ``score_fn(x, sigma)``, conditioned on the noise level ``sigma`` ([batch]).
+    key: PRNG key.
+    x_init: starting points ``[batch, ...]`` (NCSN uses uniform noise).
+    sigmas: decreasing noise levels, e.g. ``geometric_sigmas``.
+    n_steps_each: Langevin steps per level (T in the paper).
+    step_lr: epsilon of the step rule.
+    denoise: finish with x + sigma_L^2 s(x, sigma_L) (one more evaluation).
+
+  Returns:
+    ``(samples, nfe)``.
+  """
+  sigmas = jnp.asarray(sigmas)
+  if step_lr <= 0:
+    raise ValueError(f'step_lr must be positive, got {step_lr}')
+  if sigmas.ndim != 1 or not bool(jnp.all(jnp.diff(sigmas) < 0)):
+    raise ValueError(f'sigmas must be a 1-D decreasing sequence, got shape {sigmas.shape}')
+  x = _annealed_langevin(_as_pytree(score_fn), key, x_init, sigmas, n_steps_each, step_lr, denoise)
+  return x, sigmas.shape[0] * n_steps_each + int(denoise)
+
+
+# -----------------------------------------------------------------------------
+# Probability-flow ODE sampling with diffrax.
+# -----------------------------------------------------------------------------
+
+
+def probability_flow_drift(sde: sde_lib.SDE, score_fn):
+  """The ODE's vector field ``(t scalar, x) -> dx/dt`` = f - g^2 s / 2 (eq. 13)."""
+  reverse = sde.reverse(score_fn, probability_flow=True)
+
+  def drift(t, x):
+    return reverse.sde(x, jnp.full(x.shape[:1], t, x.dtype))[0]
+
+  return drift
+
+
+def get_ode_sampler(sde: sde_lib.SDE, shape, *, solver: str = ode_solvers.DEFAULT_SOLVER,
+                    rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-3,
+                    denoise: bool = False, max_steps: int = 4096):
+  """Sampler that solves the probability-flow ODE from T to eps on the device.
+
+  Args:
+    sde: the forward SDE.
+    shape: the batch shape ``[batch, ...]``.
+    solver: a name in ``ode_solvers.SOLVERS`` (adaptive steps, PID controller).
+    rtol, atol: the solver's tolerances.
+    eps: the end time.
+    denoise: finish with one noise-free reverse-diffusion step at eps (one more evaluation).
+    max_steps: the solve fails past this many steps.
+
+  Returns:
+    ``sampler(key, score_fn, z=None) -> (samples, nfe)``; ``z`` is an optional
+    latent to decode instead of a prior sample.
+  """
+  ode_solvers.get_solver(solver)   # fail early on a bad name
+
+  @jax.jit
+  def _sample(key, score_fn, z):
+    if z is None:
+      z = sde.prior_sampling(key, shape)
+    x, nfe = ode_solvers.solve(probability_flow_drift(sde, score_fn), z, sde.T, eps,
+                               solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
+    if denoise:
+      predictor = get_predictor('reverse_diffusion', probability_flow=False)
+      t = jnp.full(shape[:1], eps, x.dtype)
+      _, x, _ = predictor.update(sde, score_fn, key, x, t, -sde.T / sde.N, ())
+      nfe = nfe + 1
+    return x, nfe
+
+  def sampler(key, score_fn, z=None):
+    if z is not None and tuple(z.shape) != tuple(shape):
+      raise ValueError(f'latent z has shape {tuple(z.shape)}, expected {tuple(shape)}')
+    return _sample(key, _as_pytree(score_fn), z)
+
+  return sampler

@@ -1,0 +1,294 @@
+"""Forward SDEs of score-based generative modeling (Song et al., ICLR 2021).
+
+Each SDE  dx = f(x, t) dt + g(t) dw  is a small frozen pytree: float settings are
+leaves, the number of discretization steps ``N`` is static (it fixes loop lengths).
+``t`` is always a ``[batch]`` array and ``x`` any ``[batch, ...]`` array.
+
+Equation numbers refer to Song et al. 2021 ("SDE paper"), Song & Ermon 2019
+("NCSN") and Ho et al. 2020 ("DDPM").
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def batch_broadcast(v: jax.Array, x: jax.Array) -> jax.Array:
+  """Reshapes a per-example ``[batch]`` array to broadcast against ``x``."""
+  return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _sum_except_batch(x: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.reshape(x, (x.shape[0], -1)), axis=-1)
+
+
+def _standard_normal_logp(z: jax.Array, std: float | jax.Array) -> jax.Array:
+  d = math.prod(z.shape[1:])
+  return (-0.5 * d * jnp.log(2 * jnp.pi * std**2)
+          - 0.5 * _sum_except_batch(z**2) / std**2)
+
+
+class SDE:
+  """Interface shared by all SDEs. Subclasses are ``flax.struct`` dataclasses.
+
+  Subclasses define ``sde``, ``marginal_coeffs``, ``prior_std``, ``discretize``
+  and ``ancestral_step``; everything else is derived here, once.
+  """
+  N: int
+
+  @property
+  def T(self) -> float:
+    return 1.0
+
+  # -- to be defined by each SDE ------------------------------------------
+  def sde(self, x, t):
+    """Returns ``(drift [batch, ...], diffusion [batch])`` of the forward SDE."""
+    raise NotImplementedError
+
+  def marginal_coeffs(self, t):
+    """Returns ``(a(t), std(t))``, each ``[batch]``: p_0t(x_t|x_0) = N(a x_0, std^2 I)."""
+    raise NotImplementedError
+
+  @property
+  def prior_std(self) -> float:
+    raise NotImplementedError
+
+  def discretize(self, x, t):
+    """Returns ``(f, G)`` of the discrete chain x_{i+1} = x_i + f_i + G_i z_i."""
+    raise NotImplementedError
+
+  # -- derived --------------------------------------------------------------
+  def marginal_prob(self, x, t):
+    """Mean ``[batch, ...]`` and std ``[batch]`` of the perturbation kernel p_0t(x(t)|x(0))."""
+    a, std = self.marginal_coeffs(t)
+    return batch_broadcast(a, x) * x, std
+
+  def prior_sampling(self, key, shape):
+    """Samples the prior p_T, which approximates p_t at t = T."""
+    return self.prior_std * jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    """log p_T(z) per example, ``[batch]``: an isotropic Gaussian of std ``prior_std``."""
+    return _standard_normal_logp(z, self.prior_std)
+
+  def _euler_maruyama_discretization(self, x, t):
+    """f = drift dt, G = g sqrt(dt) with dt = T / N (the generic fallback)."""
+    dt = self.T / self.N
+    drift, diffusion = self.sde(x, t)
+    return drift * dt, diffusion * math.sqrt(dt)
+
+  def discrete_index(self, t):
+    """Index i = int(t (N - 1) / T) of the discrete noise level used at time ``t``."""
+    return (t * (self.N - 1) / self.T).astype(jnp.int32)
+
+  def ancestral_step(self, x, t, score):
+    """One ancestral step from the level at ``t`` to the one below.
+
+    Returns ``(x_mean, noise_std [batch])``. The generic rule samples the
+    Gaussian posterior q(x_s | x_t, x0_hat) with s = t - T/N and the Tweedie
+    estimate x0_hat = (x_t + std_t^2 score) / a_t; VE and VP override it with the
+    SMLD and DDPM chains of the reference.
+    """
+    s = jnp.maximum(t - self.T / self.N, 0.0)
+    a_t, std_t = self.marginal_coeffs(t)
+    a_s, std_s = self.marginal_coeffs(s)
+    a_ts = a_t / a_s                                 # x_t = a_ts x_s + std_ts z
+    var_ts = std_t**2 - a_ts**2 * std_s**2
+    x0_hat = (x + batch_broadcast(std_t**2, x) * score) / batch_broadcast(a_t, x)
+    # Posterior of x_s given x_t and x_0 (both Gaussian): product of the two.
+    coef_x0 = a_s * var_ts / std_t**2
+    coef_xt = a_ts * std_s**2 / std_t**2
+    x_mean = batch_broadcast(coef_x0, x) * x0_hat + batch_broadcast(coef_xt, x) * x
+    noise_std = jnp.sqrt(jnp.maximum(var_ts * std_s**2 / std_t**2, 0.0))
+    return x_mean, noise_std
+
+  def langevin_alpha(self, t):
+    """Step-size factor alpha_i of the Langevin corrector (1 unless overridden)."""
+    return jnp.ones_like(t)
+
+  def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> 'ReverseSDE':
+    """The reverse-time SDE (eq. 6) or, with ``probability_flow``, its ODE (eq. 13)."""
+    return ReverseSDE(self, score_fn, probability_flow)
+
+
+class ReverseSDE:
+  """dx = [f - g^2 s] dt + g dw̄ (eq. 6), or dx = [f - g^2 s / 2] dt (eq. 13).
+
+  Not a pytree: it binds a score function. Its ``discretize`` reverses the forward
+  discretization (eq. 46): f_rev = f - G^2 s (halved for the ODE), G_rev = G (0 for the ODE).
+  """
+
+  def __init__(self, forward: SDE, score_fn: ScoreFn, probability_flow: bool):
+    self.forward = forward
+    self.score_fn = score_fn
+    self.probability_flow = probability_flow
+    self.N = forward.N
+    self.T = forward.T
+
+  def _combine(self, f, g, score):
+    w = 0.5 if self.probability_flow else 1.0
+    drift = f - batch_broadcast(g**2, score) * score * w
+    diffusion = jnp.zeros_like(g) if self.probability_flow else g
+    return drift, diffusion
+
+  def sde(self, x, t):
+    f, g = self.forward.sde(x, t)
+    return self._combine(f, g, self.score_fn(x, t))
+
+  def discretize(self, x, t):
+    f, G = self.forward.discretize(x, t)
+    return self._combine(f, G, self.score_fn(x, t))
+
+
+@flax.struct.dataclass
+class VESDE(SDE):
+  """Variance exploding SDE (eq. 30): dx = sigma(t) sqrt(2 log(sigma_max/sigma_min)) dw.
+
+  sigma(t) = sigma_min (sigma_max / sigma_min)^t. As in the reference, the
+  marginal std is sigma(t) itself: data at t = 0 count as already perturbed by
+  sigma_min (the exact increment of variance from 0 to t is sigma(t)^2 - sigma_min^2).
+  """
+  sigma_min: float = 0.01
+  sigma_max: float = 50.0
+  N: int = flax.struct.field(pytree_node=False, default=1000)
+
+  def sigma(self, t):
+    return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+  def sde(self, x, t):
+    diffusion = self.sigma(t) * jnp.sqrt(2 * jnp.log(self.sigma_max / self.sigma_min))
+    return jnp.zeros_like(x), diffusion
+
+  def marginal_coeffs(self, t):
+    return jnp.ones_like(t), self.sigma(t)
+
+  @property
+  def prior_std(self):
+    return self.sigma_max
+
+  @property
+  def discrete_sigmas(self):
+    """The N noise levels of SMLD, geometric from sigma_min to sigma_max."""
+    return jnp.exp(jnp.linspace(jnp.log(self.sigma_min), jnp.log(self.sigma_max), self.N))
+
+  def _sigma_and_previous(self, t):
+    i = self.discrete_index(t)
+    sigmas = self.discrete_sigmas
+    prev = jnp.where(i == 0, 0.0, sigmas[jnp.maximum(i - 1, 0)])
+    return sigmas[i], prev
+
+  def discretize(self, x, t):
+    """SMLD chain (eq. 45): f = 0, G = sqrt(sigma_i^2 - sigma_{i-1}^2), sigma_{-1} = 0."""
+    sigma, prev = self._sigma_and_previous(t)
+    return jnp.zeros_like(x), jnp.sqrt(sigma**2 - prev**2)
+
+  def ancestral_step(self, x, t, score):
+    """SMLD ancestral sampling (eq. 47)."""
+    sigma, prev = self._sigma_and_previous(t)
+    var = sigma**2 - prev**2
+    x_mean = x + batch_broadcast(var, x) * score
+    return x_mean, jnp.sqrt(prev**2 * var / sigma**2)
+
+
+class _BetaSchedule(SDE):
+  """The linear schedule beta(t) = beta_min + t (beta_max - beta_min) of VP and sub-VP.
+
+  Written once as int_0^t beta; beta itself is its derivative, by autodiff.
+  """
+  beta_min: float
+  beta_max: float
+
+  def int_beta(self, t):
+    return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+  def beta(self, t):
+    return jax.jvp(self.int_beta, (t,), (jnp.ones_like(t),))[1]
+
+  @property
+  def discrete_betas(self):
+    """DDPM's betas: linspace(beta_min / N, beta_max / N, N)."""
+    return jnp.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
+
+  @property
+  def alphas_cumprod(self):
+    return jnp.cumprod(1.0 - self.discrete_betas)
+
+  def langevin_alpha(self, t):
+    return 1.0 - self.discrete_betas[self.discrete_index(t)]
+
+  @property
+  def prior_std(self):
+    return 1.0
+
+
+@flax.struct.dataclass
+class VPSDE(_BetaSchedule):
+  """Variance preserving SDE (eq. 11): dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw."""
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = flax.struct.field(pytree_node=False, default=1000)
+
+  def sde(self, x, t):
+    beta = self.beta(t)
+    return -0.5 * batch_broadcast(beta, x) * x, jnp.sqrt(beta)
+
+  def marginal_coeffs(self, t):
+    """a = exp(-B/2), std = sqrt(1 - exp(-B)), B = int_0^t beta (eq. 33); expm1 keeps small t exact."""
+    b = self.int_beta(t)
+    return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
+
+  def discretize(self, x, t):
+    """DDPM chain (eq. 46): f = sqrt(1 - beta_i) x - x, G = sqrt(beta_i)."""
+    beta = self.discrete_betas[self.discrete_index(t)]
+    f = batch_broadcast(jnp.sqrt(1.0 - beta), x) * x - x
+    return f, jnp.sqrt(beta)
+
+  def ancestral_step(self, x, t, score):
+    """DDPM ancestral sampling (eq. 47): (x + beta_i s) / sqrt(1 - beta_i), noise sqrt(beta_i)."""
+    beta = self.discrete_betas[self.discrete_index(t)]
+    x_mean = (x + batch_broadcast(beta, x) * score) / batch_broadcast(jnp.sqrt(1.0 - beta), x)
+    return x_mean, jnp.sqrt(beta)
+
+
+@flax.struct.dataclass
+class subVPSDE(_BetaSchedule):
+  """Sub-VP SDE (eq. 17): dx = -beta x / 2 dt + sqrt(beta (1 - exp(-2 B(t)))) dw."""
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = flax.struct.field(pytree_node=False, default=1000)
+
+  def sde(self, x, t):
+    beta = self.beta(t)
+    diffusion = jnp.sqrt(beta * -jnp.expm1(-2.0 * self.int_beta(t)))
+    return -0.5 * batch_broadcast(beta, x) * x, diffusion
+
+  def marginal_coeffs(self, t):
+    """a = exp(-B/2), std = 1 - exp(-B) (eq. 34: the std, no square root)."""
+    b = self.int_beta(t)
+    return jnp.exp(-0.5 * b), -jnp.expm1(-b)
+
+  def discretize(self, x, t):
+    """No special chain: Euler–Maruyama with dt = T / N."""
+    return self._euler_maruyama_discretization(x, t)
+
+
+SDES = {'vesde': VESDE, 'vpsde': VPSDE, 'subvpsde': subVPSDE}
+
+
+def get_sde(name: str, **kwargs) -> SDE:
+  """Builds an SDE by name (case-insensitive): one of ``SDES``."""
+  try:
+    cls = SDES[name.lower()]
+  except KeyError:
+    raise ValueError(f'Unknown SDE {name!r}; valid names: {sorted(SDES)}') from None
+  return cls(**kwargs)
+
+
+__all__ = ['SDE', 'ReverseSDE', 'VESDE', 'VPSDE', 'subVPSDE', 'SDES', 'get_sde',
+           'batch_broadcast']
