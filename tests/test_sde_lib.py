@@ -1,0 +1,177 @@
+"""SDE coefficients against Monte Carlo, scipy and the SMLD/DDPM formulas."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import sde_lib
+from conftest import SDE_NAMES, make_sde
+
+
+def _simulate_forward(sde, key, x0, t_end, n_steps):
+  """Fine-step Euler–Maruyama simulation of the forward SDE from 0 to t_end."""
+  dt = t_end / n_steps
+
+  def body(x, inputs):
+    i, key = inputs
+    t = jnp.full(x.shape[:1], i * dt)
+    drift, diffusion = sde.sde(x, t)
+    z = jax.random.normal(key, x.shape)
+    return x + drift * dt + diffusion[:, None] * jnp.sqrt(dt) * z, None
+
+  x, _ = jax.lax.scan(body, x0, (jnp.arange(n_steps), jax.random.split(key, n_steps)))
+  return x
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+@pytest.mark.parametrize('t_end', [0.3, 1.0])
+def test_marginal_prob_matches_monte_carlo(name, t_end):
+  sde = make_sde(name)
+  n = 40_000
+  x0_point = jnp.array([1.5, -0.5])
+  x0 = jnp.broadcast_to(x0_point, (n, 2))
+  if name == 'vesde':
+    # VE's convention: data at t = 0 already carry sigma_min noise (std(0) = sigma_min).
+    x0 = x0 + sde.sigma_min * jax.random.normal(jax.random.PRNGKey(7), x0.shape)
+  x = np.asarray(_simulate_forward(sde, jax.random.PRNGKey(0), x0, t_end, 2000), np.float64)
+  mean, std = sde.marginal_prob(x0_point[None], jnp.array([t_end]))
+  mean, var = np.asarray(mean[0]), float(std[0])**2
+  # Statistical bounds: 5 standard errors (Monte Carlo) plus 1% for the Euler–Maruyama bias.
+  mean_se = np.sqrt(var / n)
+  np.testing.assert_allclose(x.mean(0), mean, atol=5 * mean_se + 0.01 * np.abs(mean).max())
+  var_se = var * np.sqrt(2.0 / n)
+  np.testing.assert_allclose(x.var(0), var, atol=5 * var_se + 0.01 * var)
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+def test_prior_logp_matches_scipy(name):
+  sde = make_sde(name)
+  z = sde.prior_sampling(jax.random.PRNGKey(1), (16, 3, 4, 2))
+  assert z.shape == (16, 3, 4, 2)
+  expected = scipy.stats.norm.logpdf(np.asarray(z, np.float64), scale=sde.prior_std).reshape(16, -1).sum(-1)
+  np.testing.assert_allclose(sde.prior_logp(z), expected, rtol=1e-5)
+
+
+def test_prior_scales():
+  assert make_sde('vesde').prior_std == 50.0
+  assert make_sde('vpsde').prior_std == 1.0
+  assert make_sde('subvpsde').prior_std == 1.0
+  z = make_sde('vesde').prior_sampling(jax.random.PRNGKey(0), (20_000, 1))
+  np.testing.assert_allclose(float(jnp.std(z)), 50.0, rtol=0.02)
+
+
+def test_ve_discretize_is_smld():
+  sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0, N=10)
+  sigmas = np.exp(np.linspace(np.log(0.01), np.log(50.0), 10))
+  x = jnp.ones((10, 3))
+  t = jnp.arange(10) / 9.0 + 1e-6   # exactly the level times t_i = i / (N - 1)
+  f, G = sde.discretize(x, t)
+  np.testing.assert_array_equal(f, 0.0)
+  prev = np.concatenate([[0.0], sigmas[:-1]])
+  np.testing.assert_allclose(G, np.sqrt(sigmas**2 - prev**2), rtol=1e-5)
+
+
+def test_vp_discretize_is_ddpm():
+  sde = sde_lib.VPSDE(beta_min=0.1, beta_max=20.0, N=40)
+  betas = np.linspace(0.1 / 40, 20.0 / 40, 40)
+  x = jax.random.normal(jax.random.PRNGKey(0), (40, 2, 2))
+  t = jnp.arange(40) / 39.0 + 1e-6
+  f, G = sde.discretize(x, t)
+  np.testing.assert_allclose(f, (np.sqrt(1 - betas)[:, None, None] - 1) * np.asarray(x), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(G, np.sqrt(betas), rtol=1e-6)
+  np.testing.assert_allclose(sde.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-6)
+
+
+def test_subvp_discretize_is_euler_maruyama():
+  sde = sde_lib.subVPSDE(N=50)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+  t = jnp.array([0.01, 0.2, 0.5, 1.0])
+  f, G = sde.discretize(x, t)
+  drift, diffusion = sde.sde(x, t)
+  np.testing.assert_allclose(f, drift / 50, rtol=1e-6)
+  np.testing.assert_allclose(G, diffusion * np.sqrt(1 / 50), rtol=1e-6)
+
+
+def test_beta_is_derivative_of_its_integral():
+  sde = sde_lib.VPSDE(beta_min=0.1, beta_max=20.0)
+  t = jnp.linspace(0.0, 1.0, 11)
+  np.testing.assert_allclose(sde.beta(t), 0.1 + t * 19.9, rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+def test_coefficient_closed_forms(name):
+  """Drift, diffusion and marginals against REFERENCE.md's table, written independently."""
+  sde = make_sde(name)
+  t = np.array([1e-4, 0.1, 0.5, 1.0])
+  x = np.ones((4, 2))
+  drift, g = sde.sde(jnp.asarray(x), jnp.asarray(t))
+  mean, std = sde.marginal_prob(jnp.asarray(x), jnp.asarray(t))
+  if name == 'vesde':
+    sigma = 0.01 * 5000.0**t
+    exp_drift, exp_g = 0 * x, sigma * np.sqrt(2 * np.log(5000.0))
+    exp_mean, exp_std = x, sigma
+  else:
+    beta = 0.1 + t * 19.9
+    m = -t**2 * 19.9 / 4 - t * 0.1 / 2
+    exp_drift, exp_mean = -beta[:, None] * x / 2, np.exp(m)[:, None] * x
+    if name == 'vpsde':
+      exp_g, exp_std = np.sqrt(beta), np.sqrt(1 - np.exp(2 * m))
+    else:
+      exp_g = np.sqrt(beta * (1 - np.exp(-2 * 0.1 * t - 19.9 * t**2)))
+      exp_std = 1 - np.exp(2 * m)
+  np.testing.assert_allclose(drift, exp_drift, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(g, exp_g, rtol=1e-4)
+  np.testing.assert_allclose(mean, exp_mean, rtol=1e-5)
+  np.testing.assert_allclose(std, exp_std, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+@pytest.mark.parametrize('probability_flow', [False, True])
+def test_reverse(name, probability_flow):
+  sde = make_sde(name, N=100)
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 2, 3))
+  t = jnp.linspace(0.1, 0.9, 5)
+  score_fn = lambda x, t: -x * (1 + t[:, None, None])
+  rev = sde.reverse(score_fn, probability_flow)
+  drift, g = rev.sde(x, t)
+  f, g_fwd = sde.sde(x, t)
+  w = 0.5 if probability_flow else 1.0
+  np.testing.assert_allclose(drift, f - w * g_fwd[:, None, None]**2 * score_fn(x, t), rtol=1e-5, atol=1e-6)
+  rf, rG = rev.discretize(x, t)
+  ff, fG = sde.discretize(x, t)
+  np.testing.assert_allclose(rf, ff - w * fG[:, None, None]**2 * score_fn(x, t), rtol=1e-5, atol=1e-6)
+  if probability_flow:
+    np.testing.assert_array_equal(g, 0.0)
+    np.testing.assert_array_equal(rG, 0.0)
+  else:
+    np.testing.assert_allclose(g, g_fwd)
+    np.testing.assert_allclose(rG, fG)
+
+
+def test_generic_ancestral_step_recovers_smld_rule():
+  """The Gaussian-posterior ancestral rule, applied to VE marginals, gives SMLD's eq. 47."""
+  sde = sde_lib.VESDE(N=100)
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 2))
+  score = jax.random.normal(jax.random.PRNGKey(1), (6, 2))
+  t = jnp.linspace(0.2, 0.9, 6)
+  x_mean, std = sde_lib.SDE.ancestral_step(sde, x, t, score)
+  sigma, prev = sde.sigma(t), sde.sigma(t - 1 / 100)
+  np.testing.assert_allclose(x_mean, x + (sigma**2 - prev**2)[:, None] * score, rtol=1e-4)
+  np.testing.assert_allclose(std, np.sqrt(prev**2 * (sigma**2 - prev**2) / sigma**2), rtol=1e-4)
+
+
+def test_sdes_are_frozen_pytrees():
+  sde = sde_lib.VPSDE(beta_min=0.2, beta_max=10.0, N=50)
+  assert jax.tree.leaves(sde) == [0.2, 10.0]   # N is static
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    sde.N = 3
+  std = jax.jit(lambda s, t: s.marginal_prob(jnp.ones((1, 1)), t)[1])(sde, jnp.array([1.0]))
+  np.testing.assert_allclose(std, np.sqrt(1 - np.exp(-(0.2 + 0.5 * 9.8))), rtol=1e-5)
+
+
+def test_unknown_sde_names_the_valid_ones():
+  with pytest.raises(ValueError, match='subvpsde'):
+    sde_lib.get_sde('vp')
