@@ -20,11 +20,12 @@ class _SolverSpec(NamedTuple):
 
 
 # Counts measured by counting calls (tests/test_ode_solvers.py checks them).
+# Bosh3 is left out: diffrax sometimes makes one call more than this accounting
+# (seen at rtol = atol <= 1e-6), so its NFE could not be reported exactly.
 SOLVERS = {
     'tsit5': _SolverSpec(diffrax.Tsit5, 6, 1),
     'dopri5': _SolverSpec(diffrax.Dopri5, 6, 1),
     'dopri8': _SolverSpec(diffrax.Dopri8, 13, 1),
-    'bosh3': _SolverSpec(diffrax.Bosh3, 3, 1),
     'heun': _SolverSpec(diffrax.Heun, 2, 0),
 }
 DEFAULT_SOLVER = 'tsit5'
