@@ -36,7 +36,8 @@ class ScoreMLP(nn.Module):
   embed_dim: int = 64
 
   @nn.compact
-  def __call__(self, x, t):
+  def __call__(self, x, t, train: bool = False):
+    del train   # no dropout: the same signature as the image networks
     emb = FourierTimeEmbedding(self.embed_dim)(t)
     h = x
     for width in self.hidden:

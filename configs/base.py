@@ -1,0 +1,97 @@
+"""The base configuration: every key any config may set, with its default.
+
+Override files import ``get_config`` from here (or from a dataset base), change a
+few fields and say why. The returned config is locked: setting a key that does
+not exist (a misspelling, in a file or on the command line) raises at start-up.
+"""
+import ml_collections
+
+
+def get_base_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 42
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'gaussian_mixture'   # a toy name, 'digits', or an image dataset (datasets.py)
+  data.image_size = 0                 # 0: keep the dataset's own size
+  data.centered = False               # scale to [-1, 1] instead of [0, 1]
+  data.random_flip = False
+  data.uniform_dequantization = False
+  data.num_bits = 0                   # bits per value of quantized data (8 for images); 0: continuous
+  data.data_dir = ''                  # '' : datasets.py's default location
+
+  config.sde = sde = ml_collections.ConfigDict()
+  sde.name = 'vpsde'                  # vesde | vpsde | subvpsde
+  sde.sigma_min = 0.01
+  sde.sigma_max = 50.0
+  sde.beta_min = 0.1
+  sde.beta_max = 20.0
+  sde.num_scales = 1000
+
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'mlp'                  # mlp | unet
+  model.hidden = (128, 128, 128)      # mlp
+  model.ch = 32                       # unet
+  model.ch_mult = (1, 2)
+  model.num_res_blocks = 1
+  model.attn_resolutions = ()
+  model.dropout = 0.0
+  model.embed_dim = 64
+  model.ema_rate = 0.999
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 256
+  training.n_iters = 4000
+  training.steps_per_call = 1         # training steps per compiled call (lax.scan)
+  training.loss = 'dsm'               # dsm | smld | ddpm | ssm | esm
+  training.likelihood_weighting = False
+  training.reduce = 'mean'
+  training.eps = 1e-5                 # t ~ U(eps, T)
+  training.log_freq = 100
+  training.snapshot_freq = 1000       # kept snapshots (and snapshot samples)
+  training.snapshot_keep = 3
+  training.preemption_freq = 200      # the frequent checkpoint that restarts resume from
+  training.snapshot_sampling = True
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.lr = 2e-3
+  optim.beta1 = 0.9
+  optim.eps = 1e-8
+  optim.weight_decay = 0.0
+  optim.warmup = 100
+  optim.grad_clip = 1.0               # global norm; 0 disables
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = 'pc'              # pc | ode
+  sampling.predictor = 'reverse_diffusion'
+  sampling.corrector = 'langevin'
+  sampling.snr = 0.16
+  sampling.n_steps_each = 1
+  sampling.probability_flow = False
+  sampling.noise_removal = True
+  sampling.eps = 1e-3
+  sampling.ode_solver = 'tsit5'
+  sampling.rtol = 1e-5
+  sampling.atol = 1e-5
+  sampling.num_samples = 2000         # sample mode and evaluation
+  sampling.batch_size = 2000
+
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.begin_ckpt = 0             # evaluate snapshots with begin <= step <= end (0: all)
+  evaluate.end_ckpt = 0
+  evaluate.batch_size = 1000
+  evaluate.enable_loss = True
+  evaluate.enable_bpd = True
+  evaluate.bpd_num_repeats = 1        # passes over the test split (5 for dequantized images)
+  evaluate.bpd_max_examples = 2000    # 0: the whole test split
+  evaluate.hutchinson_type = 'rademacher'
+  evaluate.rtol = 1e-5
+  evaluate.atol = 1e-5
+  evaluate.enable_sampling = True
+
+  config.lock()
+  return config
+
+
+def get_config():
+  return get_base_config()

@@ -1,0 +1,8 @@
+"""Toy 2-D 'checkerboard' data: the mixture default with another distribution."""
+from configs.toy import mixture
+
+
+def get_config():
+  config = mixture.get_config()
+  config.data.dataset = 'checkerboard'
+  return config

@@ -1,0 +1,20 @@
+"""A tiny run for smoke tests: few steps, few samples, frequent checkpoints."""
+from configs.toy import mixture
+
+
+def get_config():
+  config = mixture.get_config()
+  config.training.n_iters = 40
+  config.training.batch_size = 64
+  config.training.log_freq = 10
+  config.training.snapshot_freq = 20
+  config.training.preemption_freq = 10
+  config.sde.num_scales = 50          # short samplers
+  config.model.hidden = (32, 32)
+  config.sampling.num_samples = 200
+  config.sampling.batch_size = 100
+  config.eval.batch_size = 100
+  config.eval.bpd_max_examples = 100
+  config.eval.rtol = 1e-3
+  config.eval.atol = 1e-3
+  return config

@@ -1,0 +1,67 @@
+"""Pictures of samples: scatter plots over the true density for 2-D data, grids for images."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def image_grid(x, centered=False):
+  """[N, H, W, C] in [0, 1] (or [-1, 1]) to one uint8 [rows H, cols W, C] grid."""
+  x = np.asarray(x, np.float32)
+  if centered:
+    x = (x + 1) / 2
+  x = np.clip(x, 0, 1)
+  n, h, w, c = x.shape
+  cols = int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
+  for i in range(n):
+    r, k = divmod(i, cols)
+    grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = x[i]
+  return (grid * 255).round().astype(np.uint8)
+
+
+def save_samples(path, x, dataset, centered=False, log_prob=None, title=None):
+  """Writes a PNG: a scatter plot (over contours of ``log_prob`` if given) or an image grid."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  x = np.asarray(x)
+  plt = _pyplot()
+  if x.ndim == 2:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    lim = float(np.percentile(np.abs(x), 99.5)) * 1.15 + 0.5
+    if log_prob is None:
+      try:
+        import datasets
+        log_prob = datasets.toy_log_prob(dataset)
+      except Exception:   # a picture without contours is still a picture
+        log_prob = None
+    if log_prob is not None:
+      g = np.linspace(-lim, lim, 200)
+      xx, yy = np.meshgrid(g, g)
+      lp = np.asarray(log_prob(np.stack([xx.ravel(), yy.ravel()], -1).astype(np.float32)))
+      ax.contourf(xx, yy, np.exp(lp).reshape(xx.shape), levels=20, cmap='Blues')
+    ax.scatter(x[:, 0], x[:, 1], s=2, c='tab:red', alpha=0.5)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect('equal')
+    ax.set_title(title or f'{dataset}: {len(x)} samples (red) over the true density')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+  grid = image_grid(x[:256], centered)
+  scale = max(1, 256 // grid.shape[0])
+  grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8))
+  if grid.shape[-1] == 1:
+    grid = grid[..., 0]
+  plt.imsave(path, grid, cmap='gray' if grid.ndim == 2 else None)
+  return path

@@ -1,0 +1,601 @@
+"""Training, evaluation and sampling: the edge where configs, devices and files meet the core.
+
+* ``build(config)`` is the one place that turns a config into objects (SDE, model,
+  loss, sampler); every mode uses it.
+* Parallelism: one ``jax.sharding.Mesh`` over all devices of all processes, the
+  batch split along its 'data' axis, the train state replicated. The core
+  modules stay single-device and pure.
+* Files under ``workdir``: checkpoints/snapshots (the last few), checkpoints/preemption
+  (the newest only, frequent), metrics.jsonl, tensorboard/, samples/, eval/.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import datasets
+import likelihood
+import losses
+import ode_solvers
+import plotting
+import sampling
+import sde_lib
+from models import score as score_lib
+from models.mlp import ScoreMLP
+
+MODES = ('train', 'eval', 'sample', 'all')
+
+
+# -----------------------------------------------------------------------------
+# Config checks and the one builder.
+# -----------------------------------------------------------------------------
+
+
+def _check(cond, message):
+  if not cond:
+    raise ValueError(f'Invalid config: {message}')
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None):
+  """Fails with a message that names the field for values the run cannot use."""
+  num_devices = num_devices or jax.device_count()
+  _check(config.sde.name.lower() in sde_lib.SDES,
+         f'sde.name={config.sde.name!r}; valid: {sorted(sde_lib.SDES)}')
+  _check(config.sde.num_scales >= 2, f'sde.num_scales must be >= 2, got {config.sde.num_scales}')
+  _check(config.model.name in MODELS, f'model.name={config.model.name!r}; valid: {sorted(MODELS)}')
+  _check(0 <= config.model.ema_rate < 1, f'model.ema_rate must lie in [0, 1), got {config.model.ema_rate}')
+  _check(config.training.loss in losses.LOSSES,
+         f'training.loss={config.training.loss!r}; valid: {sorted(losses.LOSSES)}')
+  _check(config.training.reduce in losses.REDUCTIONS,
+         f'training.reduce={config.training.reduce!r}; valid: {list(losses.REDUCTIONS)}')
+  if config.training.loss == 'smld':
+    _check(config.sde.name == 'vesde', 'training.loss=smld needs sde.name=vesde')
+  if config.training.loss == 'ddpm':
+    _check(config.sde.name == 'vpsde', 'training.loss=ddpm needs sde.name=vpsde')
+  for field in ('batch_size', 'n_iters', 'steps_per_call', 'log_freq', 'snapshot_freq',
+                'preemption_freq', 'snapshot_keep'):
+    value = config.training[field]
+    _check(value > 0, f'training.{field} must be positive, got {value}')
+  _check(config.training.batch_size % num_devices == 0,
+         f'training.batch_size={config.training.batch_size} is not divisible by the '
+         f'{num_devices} devices')
+  for field in ('preemption_freq', 'snapshot_freq', 'log_freq'):
+    _check(config.training[field] % config.training.steps_per_call == 0,
+           f'training.{field}={config.training[field]} must be a multiple of '
+           f'training.steps_per_call={config.training.steps_per_call}')
+  _check(config.optim.lr > 0, f'optim.lr must be positive, got {config.optim.lr}')
+  _check(config.optim.warmup >= 0, f'optim.warmup must be >= 0, got {config.optim.warmup}')
+  _check(config.optim.grad_clip >= 0, f'optim.grad_clip must be >= 0, got {config.optim.grad_clip}')
+  _check(config.sampling.method in ('pc', 'ode'),
+         f"sampling.method={config.sampling.method!r}; valid: ['pc', 'ode']")
+  _check(config.sampling.predictor in sampling.PREDICTORS,
+         f'sampling.predictor={config.sampling.predictor!r}; valid: {list(sampling.PREDICTORS)}')
+  _check(config.sampling.corrector in sampling.CORRECTORS,
+         f'sampling.corrector={config.sampling.corrector!r}; valid: {list(sampling.CORRECTORS)}')
+  _check(config.sampling.ode_solver in ode_solvers.SOLVERS,
+         f'sampling.ode_solver={config.sampling.ode_solver!r}; valid: {sorted(ode_solvers.SOLVERS)}')
+  for section, field in (('sampling', 'num_samples'), ('sampling', 'batch_size'),
+                         ('eval', 'batch_size')):
+    value = config[section][field]
+    _check(value > 0, f'{section}.{field} must be positive, got {value}')
+  _check(config.eval.hutchinson_type in likelihood.HUTCHINSON_TYPES,
+         f'eval.hutchinson_type={config.eval.hutchinson_type!r}; valid: {list(likelihood.HUTCHINSON_TYPES)}')
+
+
+def _make_mlp(config, data_shape):
+  del data_shape
+  return ScoreMLP(hidden=tuple(config.model.hidden), embed_dim=config.model.embed_dim)
+
+
+def _make_unet(config, data_shape):
+  from models.unet import UNet   # imported here: toy runs need no U-Net
+  del data_shape
+  return UNet(ch=config.model.ch, ch_mult=tuple(config.model.ch_mult),
+              num_res_blocks=config.model.num_res_blocks,
+              attn_resolutions=tuple(config.model.attn_resolutions),
+              dropout=config.model.dropout, embed_dim=config.model.embed_dim)
+
+
+MODELS = {'mlp': _make_mlp, 'unet': _make_unet}
+
+
+class Components(NamedTuple):
+  sde: sde_lib.SDE
+  model: Any
+  train_data: Any
+  eval_data: Any
+  data_shape: tuple
+  data_std: float
+  discrete_ddpm: bool
+  loss_fn: Any          # (params, key, batch) -> scalar
+  optimizer: Any
+  sampler: Any          # (key, score_fn) -> (samples, nfe), for sampling.batch_size samples
+  scaler_slope: float
+
+
+def _sde_from_config(config):
+  name = config.sde.name.lower()
+  if name == 'vesde':
+    return sde_lib.VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
+  cls = sde_lib.SDES[name]
+  return cls(config.sde.beta_min, config.sde.beta_max, config.sde.num_scales)
+
+
+def _dataset(config, split, batch_size, training):
+  """Training data: each host its own shard, endless. Evaluation: one ordered pass, every host."""
+  common = dict(image_size=config.data.image_size or None, centered=config.data.centered,
+                data_dir=config.data.data_dir or None, seed=config.seed)
+  if training:
+    return datasets.get_dataset(
+        config.data.dataset, split=split, batch_size=batch_size // jax.process_count(),
+        random_flip=config.data.random_flip,
+        uniform_dequantization=config.data.uniform_dequantization, **common)
+  return datasets.get_dataset(config.data.dataset, split=split, batch_size=batch_size,
+                              shuffle=False, drop_remainder=False, num_epochs=1,
+                              shard_index=0, shard_count=1, **common)
+
+
+def _batch_x(batch):
+  return batch['x'] if 'x' in batch else batch['image']
+
+
+def build(config, num_devices: int | None = None) -> Components:
+  """Builds everything a run needs from the config: the only place that reads it."""
+  validate_config(config, num_devices)
+  sde = _sde_from_config(config)
+  train_data = _dataset(config, 'train', config.training.batch_size, True)
+  eval_data = _dataset(config, 'test', config.eval.batch_size, False)
+  data_shape = tuple(train_data.data_shape)
+  model = MODELS[config.model.name](config, data_shape)
+  first = _batch_x(train_data.batch(0))
+  data_std = float(np.std(first))
+  discrete_ddpm = config.training.loss == 'ddpm'
+  loss_impl = losses.get_loss(config.training.loss)
+  kwargs = dict(reduce=config.training.reduce)
+  if config.training.loss in ('dsm', 'ssm', 'esm'):
+    kwargs.update(eps=config.training.eps, likelihood_weighting=config.training.likelihood_weighting)
+
+  def loss_fn(params, key, batch):
+    k_loss, k_drop = jax.random.split(key)
+    score_fn = functools.partial(score_lib.network_score, model, sde, params, data_std=data_std,
+                                 discrete_ddpm=discrete_ddpm, train=True, dropout_key=k_drop)
+    return loss_impl(score_fn, sde, k_loss, _batch_x(batch), **kwargs)
+
+  schedule = optax.warmup_constant_schedule(0.0, config.optim.lr, max(config.optim.warmup, 1))
+  chain = []
+  if config.optim.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
+  chain.append(optax.adamw(schedule, b1=config.optim.beta1, eps=config.optim.eps,
+                           weight_decay=config.optim.weight_decay))
+  optimizer = optax.chain(*chain)
+
+  shape = (config.sampling.batch_size,) + data_shape
+  s = config.sampling
+  if s.method == 'pc':
+    sampler = sampling.get_pc_sampler(sde, shape, s.predictor, s.corrector, snr=s.snr,
+                                      n_steps=s.n_steps_each, probability_flow=s.probability_flow,
+                                      denoise=s.noise_removal, eps=s.eps)
+  else:
+    sampler = sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
+                                       eps=s.eps, denoise=s.noise_removal)
+  return Components(sde, model, train_data, eval_data, data_shape, data_std, discrete_ddpm,
+                    loss_fn, optimizer, sampler, 2.0 if config.data.centered else 1.0)
+
+
+# -----------------------------------------------------------------------------
+# Train state, the step, sharding.
+# -----------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def init_state(config, comp: Components) -> TrainState:
+  key = jax.random.PRNGKey(config.seed)
+  dummy_x = jnp.zeros((1,) + comp.data_shape)
+  params = comp.model.init(key, dummy_x, jnp.zeros((1,)))
+  ema_params = jax.tree.map(jnp.copy, params)   # its own buffers: the state is donated
+  return TrainState(jnp.zeros((), jnp.int32), params, ema_params, comp.optimizer.init(params))
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all devices (of all processes); the batch is split along 'data'."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices, ('data',))
+
+
+def make_train_step(comp: Components, ema_rate: float, seed: int):
+  """One step: loss, gradients, optimizer update and EMA. Keys are folded with the step."""
+  base_key = jax.random.PRNGKey(seed + 1)
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(base_key, state.step)
+    loss, grads = jax.value_and_grad(comp.loss_fn)(state.params, key, batch)
+    updates, opt_state = comp.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+    return TrainState(state.step + 1, params, ema, opt_state), loss
+
+  def multi_step(state, batches):
+    return jax.lax.scan(step, state, batches)
+
+  return multi_step
+
+
+def compile_train_step(comp, config, mesh):
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(None, 'data'))   # [steps_per_call, batch, ...]
+  fn = make_train_step(comp, config.model.ema_rate, config.seed)
+  return jax.jit(fn, in_shardings=(replicated, batch_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
+
+
+def global_batches(comp, start_step, steps, sharding):
+  """The batches of steps [start, start + steps), each host's shard, as one global array."""
+  local = [comp.train_data.batch(s) for s in range(start_step, start_step + steps)]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), stacked)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: the last few snapshots plus one frequent preemption checkpoint.
+# -----------------------------------------------------------------------------
+
+
+class Checkpoints:
+  """Two orbax managers; a save is atomic (written to a temporary name, then renamed)."""
+
+  def __init__(self, workdir, keep):
+    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.snapshots = ocp.CheckpointManager(
+        os.path.join(root, 'snapshots'), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.preemption = ocp.CheckpointManager(
+        os.path.join(root, 'preemption'), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+  def latest(self):
+    """(manager, step) of the newest checkpoint of either kind, or (None, 0)."""
+    best = (None, 0)
+    for mngr in (self.preemption, self.snapshots):
+      step = mngr.latest_step()
+      if step is not None and step > best[1]:
+        best = (mngr, step)
+    return best
+
+  def restore(self, mngr, step, target):
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def save(self, mngr, step, state):
+    mngr.save(step, args=ocp.args.StandardSave(state))
+
+  def wait(self):
+    self.snapshots.wait_until_finished()
+    self.preemption.wait_until_finished()
+
+  def close(self):
+    self.snapshots.close()
+    self.preemption.close()
+
+
+# -----------------------------------------------------------------------------
+# Logging: metrics.jsonl, TensorBoard event files, a progress line.
+# -----------------------------------------------------------------------------
+
+
+class _Progress:
+  """A one-line progress bar with it/s and ETA (a log line each update when not a terminal)."""
+
+  def __init__(self, total, start):
+    self.total, self.start_step, self.t0 = total, start, time.time()
+    self.tty = sys.stderr.isatty()
+
+  def update(self, step, loss):
+    elapsed = time.time() - self.t0
+    rate = (step - self.start_step) / max(elapsed, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    frac = step / self.total
+    bar = '#' * int(30 * frac) + '.' * (30 - int(30 * frac))
+    line = (f'[{bar}] {step}/{self.total} {rate:7.1f} it/s ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}'
+            f' loss {loss:.4f}')
+    if self.tty:
+      print('\r' + line, end='', file=sys.stderr, flush=True)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
+  def close(self):
+    if self.tty:
+      print(file=sys.stderr)
+
+
+class _Metrics:
+  """metrics.jsonl (lines past a resumed step are dropped) and TensorBoard scalars."""
+
+  def __init__(self, workdir, resume_step):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.primary = jax.process_index() == 0
+    if not self.primary:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(self.path, 'w') as f:
+        f.writelines(kept)
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
+    except ImportError:   # optional: metrics.jsonl holds the same numbers
+      self.tb = None
+
+  def write(self, step, **scalars):
+    if not self.primary:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+    if self.tb is not None:
+      for k, v in scalars.items():
+        self.tb.add_scalar(k, float(v), int(step))
+
+  def close(self):
+    if self.primary and self.tb is not None:
+      self.tb.close()
+
+
+# -----------------------------------------------------------------------------
+# Train.
+# -----------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def train(config, workdir):
+  """Trains, resuming from the newest checkpoint in ``workdir``. Returns the final state."""
+  comp = build(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh()
+  step_fn, batch_sharding = compile_train_step(comp, config, mesh)
+  ckpts = Checkpoints(workdir, config.training.snapshot_keep)
+  state = init_state(config, comp)
+  mngr, start = ckpts.latest()
+  if mngr is not None:
+    state = ckpts.restore(mngr, start, state)
+    print(f'Resuming from step {start} ({mngr.directory})', file=sys.stderr)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  metrics = _Metrics(workdir, start)
+  progress = _Progress(config.training.n_iters, start)
+  tc = config.training
+  k = tc.steps_per_call
+  step = start
+  try:
+    while step < tc.n_iters:
+      n = min(k, tc.n_iters - step)
+      batches = global_batches(comp, step, n, batch_sharding)
+      new_state, loss = step_fn(state, batches)
+      loss = np.asarray(loss)
+      if not np.all(np.isfinite(loss)):
+        bad = step + int(np.argmin(np.isfinite(loss))) + 1
+        raise NonFiniteLossError(
+            f'Loss became {loss[~np.isfinite(loss)][0]} at step {bad}; training stopped. The last '
+            f'good checkpoint (step {ckpts.latest()[1]}) is kept in {workdir}/checkpoints.')
+      state, step = new_state, step + n
+      if step % tc.log_freq == 0 or step == tc.n_iters:
+        lr = float(optax.warmup_constant_schedule(0.0, config.optim.lr, max(config.optim.warmup, 1))(step))
+        metrics.write(step, loss=float(loss.mean()), learning_rate=lr)
+        progress.update(step, float(loss.mean()))
+      if step % tc.snapshot_freq == 0 or step == tc.n_iters:
+        ckpts.save(ckpts.snapshots, step, state)
+        if tc.snapshot_sampling and jax.process_index() == 0:
+          _snapshot_samples(config, comp, state, workdir, step)
+      elif step % tc.preemption_freq == 0:
+        ckpts.save(ckpts.preemption, step, state)
+  finally:
+    progress.close()
+    ckpts.wait()
+    ckpts.close()
+    metrics.close()
+  return state
+
+
+def _snapshot_samples(config, comp, state, workdir, step):
+  score_fn = score_lib.get_score_fn(comp.model, comp.sde, state.ema_params, data_std=comp.data_std,
+                                    discrete_ddpm=comp.discrete_ddpm)
+  x, _ = comp.sampler(jax.random.PRNGKey(config.seed + 2), score_fn)
+  path = os.path.join(workdir, 'samples', f'step_{step}.png')
+  plotting.save_samples(path, np.asarray(x), config.data.dataset, centered=config.data.centered)
+
+
+# -----------------------------------------------------------------------------
+# Sampling and evaluation.
+# -----------------------------------------------------------------------------
+
+
+def _restore_for_eval(config, comp, workdir, step=None):
+  ckpts = Checkpoints(workdir, config.training.snapshot_keep)
+  state = init_state(config, comp)
+  if step is None:
+    mngr, step = ckpts.latest()
+  else:
+    mngr = ckpts.snapshots
+  if mngr is None:
+    ckpts.close()
+    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first (--mode train).')
+  state = ckpts.restore(mngr, step, state)
+  ckpts.close()
+  return state, step
+
+
+def draw_samples(config, comp, params, key, num_samples):
+  """num_samples samples in rounds of sampling.batch_size (the last round trimmed). Returns (x, nfe)."""
+  score_fn = score_lib.get_score_fn(comp.model, comp.sde, params, data_std=comp.data_std,
+                                    discrete_ddpm=comp.discrete_ddpm)
+  rounds = math.ceil(num_samples / config.sampling.batch_size)
+  out, nfe = [], 0
+  for r in range(rounds):
+    x, n = comp.sampler(jax.random.fold_in(key, r), score_fn)
+    out.append(np.asarray(x))
+    nfe = int(n)
+  return np.concatenate(out)[:num_samples], nfe
+
+
+def sample(config, workdir):
+  """Writes samples/samples_<step>.npz (samples, nfe) and a PNG grid or scatter plot."""
+  comp = build(config)
+  state, step = _restore_for_eval(config, comp, workdir)
+  x, nfe = draw_samples(config, comp, state.ema_params, jax.random.PRNGKey(config.seed + 3),
+                        config.sampling.num_samples)
+  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+  npz = os.path.join(workdir, 'samples', f'samples_{step}.npz')
+  np.savez(npz, samples=x, nfe=nfe, step=step)
+  png = os.path.join(workdir, 'samples', f'samples_{step}.png')
+  plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+  print(f'{len(x)} samples at step {step} ({nfe} score evaluations per sample): {npz}, {png}')
+  return npz, png
+
+
+def energy_distance(x, y):
+  """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between two sample sets (V-statistics)."""
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  d = lambda a, b: jnp.mean(jnp.sqrt(jnp.sum((a[:, None] - b[None]) ** 2, -1) + 1e-12))
+  return float(2 * d(x, y) - d(x, x) - d(y, y))
+
+
+REPORT_KEYS = ('step', 'eval_loss', 'bpd', 'bpd_stderr', 'nfe_likelihood', 'num_samples', 'nfe_sampling',
+               'samples_png')
+TOY_REPORT_KEYS = ('test_logp_true', 'test_logp_model', 'energy_distance_model',
+                   'energy_distance_true_vs_true')
+
+
+def evaluate(config, workdir):
+  """Evaluates every snapshot (begin_ckpt..end_ckpt) once; a report JSON per checkpoint.
+
+  Reports already written are skipped, so a preempted evaluation resumes where it stopped.
+  """
+  comp = build(config)
+  ckpts = Checkpoints(workdir, config.training.snapshot_keep)
+  steps = sorted(ckpts.snapshots.all_steps())
+  ckpts.close()
+  ec = config.eval
+  steps = [s for s in steps if s >= ec.begin_ckpt and (ec.end_ckpt <= 0 or s <= ec.end_ckpt)]
+  if not steps:
+    raise FileNotFoundError(f'No snapshot to evaluate in {workdir}/checkpoints/snapshots.')
+  eval_dir = os.path.join(workdir, 'eval')
+  os.makedirs(eval_dir, exist_ok=True)
+  written = []
+  for step in steps:
+    path = os.path.join(eval_dir, f'report_{step}.json')
+    if os.path.exists(path):
+      written.append(path)
+      continue
+    state, _ = _restore_for_eval(config, comp, workdir, step)
+    report = _evaluate_checkpoint(config, comp, state, step, workdir)
+    if jax.process_index() == 0:
+      tmp = path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(report, f, indent=1)
+      os.replace(tmp, path)   # atomic: a report exists whole or not at all
+    written.append(path)
+  return written
+
+
+def _eval_batches(comp, max_examples):
+  n = comp.eval_data.num_examples
+  if max_examples:
+    n = min(n, max_examples)
+  bs = comp.eval_data.batch_size
+  for i in range(math.ceil(n / bs)):
+    yield _batch_x(comp.eval_data.batch(i))[: n - i * bs]
+
+
+def _evaluate_checkpoint(config, comp, state, step, workdir):
+  ec = config.eval
+  params = state.ema_params
+  report = {'step': int(step)}
+  key = jax.random.PRNGKey(config.seed + 4)
+  if ec.enable_loss:
+    loss_fn = jax.jit(comp.loss_fn)
+    values = [float(loss_fn(params, jax.random.fold_in(key, i), {'x': x}))
+              for i, x in enumerate(_eval_batches(comp, ec.bpd_max_examples))]
+    report['eval_loss'] = float(np.mean(values))
+  if ec.enable_bpd:
+    num_bits = config.data.num_bits or None
+    lik = likelihood.get_likelihood_fn(comp.sde, hutchinson_type=ec.hutchinson_type, rtol=ec.rtol,
+                                       atol=ec.atol, eps=config.training.eps, num_bits=num_bits,
+                                       scaler_slope=comp.scaler_slope)
+    score_fn = score_lib.get_score_fn(comp.model, comp.sde, params, data_std=comp.data_std,
+                                      discrete_ddpm=comp.discrete_ddpm)
+    bpds, logps, nfes = [], [], []
+    for r in range(max(ec.bpd_num_repeats, 1)):
+      for i, x in enumerate(_eval_batches(comp, ec.bpd_max_examples)):
+        k = jax.random.fold_in(jax.random.fold_in(key, 1000 + r), i)
+        if config.data.uniform_dequantization:
+          x = _dequantize_eval(k, x, config.data.centered)
+        res = lik(k, score_fn, jnp.asarray(x))
+        bpds.append(np.asarray(res.bpd))
+        logps.append(np.asarray(res.logp))
+        nfes.append(int(res.nfe))
+    bpd = np.concatenate(bpds)
+    report['bpd'] = float(bpd.mean())
+    report['bpd_stderr'] = float(bpd.std() / np.sqrt(len(bpd)))
+    report['nfe_likelihood'] = float(np.mean(nfes))
+    report['test_logp_model'] = float(np.concatenate(logps).mean())
+  if ec.enable_sampling:
+    x, nfe = draw_samples(config, comp, params, jax.random.PRNGKey(config.seed + 5),
+                          config.sampling.num_samples)
+    png = os.path.join(workdir, 'eval', f'samples_{step}.png')
+    plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+    report.update(num_samples=len(x), nfe_sampling=nfe, samples_png=os.path.abspath(png))
+    log_prob = datasets.toy_log_prob(config.data.dataset)
+    if x.ndim == 2:
+      n = len(x)
+      true_a = datasets.toy_sample(config.data.dataset, n, seed=config.seed + 6)
+      true_b = datasets.toy_sample(config.data.dataset, n, seed=config.seed + 7)
+      report['energy_distance_model'] = energy_distance(x, true_a)
+      report['energy_distance_true_vs_true'] = energy_distance(true_b, true_a)
+      if log_prob is not None:
+        test = np.concatenate(list(_eval_batches(comp, ec.bpd_max_examples)))
+        report['test_logp_true'] = float(np.mean(log_prob(test)))
+  return report
+
+
+def _dequantize_eval(key, x, centered):
+  """Test images in [0, 1] (or [-1, 1]) back to integers, then uniformly dequantized."""
+  y = (x + 1) / 2 if centered else x
+  ints = jnp.round(jnp.asarray(y) * 255)
+  y = likelihood.uniform_dequantize(key, ints)
+  return 2 * y - 1 if centered else y
+
+
+def run(config, workdir, mode):
+  """Dispatches one mode; 'all' trains, then evaluates and samples. Returns the written paths."""
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}; valid modes: {list(MODES)}')
+  if mode == 'train':
+    train(config, workdir)
+    return []
+  if mode == 'sample':
+    return list(sample(config, workdir))
+  if mode == 'eval':
+    return evaluate(config, workdir)
+  train(config, workdir)
+  reports = evaluate(config, workdir)
+  return reports
