@@ -53,7 +53,7 @@ def save_samples(path, x, dataset, centered=False, log_prob=None, title=None):
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect('equal')
-    ax.set_title(title or f'{dataset}: {len(x)} samples (red) over the true density')
+    ax.set_title(title or f'{dataset}: {len(x)} samples (red), true density (blue)', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

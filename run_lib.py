@@ -282,7 +282,12 @@ class Checkpoints:
 
   def restore(self, mngr, step, target):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except ValueError as e:
+      raise ValueError(
+          f'The checkpoint at step {step} in {mngr.directory} does not fit this config\'s model '
+          f'or optimizer (was it written with another model.* or optim.* setting?): {e}') from e
 
   def save(self, mngr, step, state):
     mngr.save(step, args=ocp.args.StandardSave(state))
@@ -413,7 +418,15 @@ def train(config, workdir):
     ckpts.wait()
     ckpts.close()
     metrics.close()
+  print(f'process {jax.process_index()}: step {step}, params fingerprint '
+        f'{params_fingerprint(state.params):.10e}', file=sys.stderr)
   return state
+
+
+def params_fingerprint(params) -> float:
+  """A float summary of replicated parameters, read from this process's own copy."""
+  leaves = [np.asarray(x.addressable_data(0), np.float64) for x in jax.tree.leaves(params)]
+  return float(sum(np.sum(np.abs(v)) + np.sum(v) * 1e-3 for v in leaves))
 
 
 def _snapshot_samples(config, comp, state, workdir, step):

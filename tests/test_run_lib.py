@@ -1,0 +1,238 @@
+"""The entry point end to end: training quality, exact resume after SIGKILL, sharding, reports."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import run_lib
+from configs.toy import test as test_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+def _config(data_dir, **overrides):
+  config = test_config.get_config()
+  config.data.data_dir = data_dir
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  return config
+
+
+def _main(args, data_dir, env=None, **kwargs):
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', os.path.join(ROOT, 'configs/toy/test.py'),
+         f'--config.data.data_dir={data_dir}'] + args
+  full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+  return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **kwargs)
+
+
+def _restore_final(config, workdir):
+  comp = run_lib.build(config)
+  state, step = run_lib._restore_for_eval(config, comp, workdir)
+  return state, step
+
+
+def test_short_toy_run_beats_untrained_model(data_dir, tmp_path):
+  config = _config(data_dir, **{'training.n_iters': 600, 'training.snapshot_freq': 600,
+                                'training.snapshot_sampling': False, 'eval.enable_bpd': False,
+                                'sampling.num_samples': 500, 'sampling.batch_size': 500})
+  config.model.hidden = (64, 64)
+  workdir = str(tmp_path)
+  state = run_lib.train(config, workdir)
+  comp = run_lib.build(config)
+  untrained = run_lib.init_state(config, comp)
+  truth = jax.numpy.asarray(run_lib.datasets.toy_sample('gaussian_mixture', 500, seed=1))
+  dist = {}
+  for name, params in (('trained', state.ema_params), ('untrained', untrained.params)):
+    x, _ = run_lib.draw_samples(config, comp, params, jax.random.PRNGKey(0), 500)
+    dist[name] = run_lib.energy_distance(x, truth)
+  assert dist['trained'] < 0.25 * dist['untrained'], dist
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [m['step'] for m in metrics] == list(range(10, 601, 10))
+  assert {'loss', 'learning_rate'} <= set(metrics[0])
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
+  args = ['--mode', 'train', '--config.training.n_iters=1500', '--config.training.preemption_freq=50',
+          '--config.training.snapshot_freq=1500', '--config.training.snapshot_sampling=False',
+          '--config.training.log_freq=50']
+  straight = str(tmp_path / 'straight')
+  proc = _main(args + ['--workdir', straight], data_dir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+
+  killed = str(tmp_path / 'killed')
+  proc = _main(args + ['--workdir', killed], data_dir)
+  preempt = os.path.join(killed, 'checkpoints', 'preemption')
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [int(d) for d in (os.listdir(preempt) if os.path.isdir(preempt) else []) if d.isdigit()]
+    if done and max(done) >= 200:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert not os.path.isdir(os.path.join(killed, 'checkpoints', 'snapshots', '1500')), 'killed too late'
+  proc = _main(args + ['--workdir', killed], data_dir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert 'Resuming from step' in out
+  resumed = int(out.split('Resuming from step ')[1].split()[0])
+  assert 200 <= resumed < 1500
+
+  config = _config(data_dir)
+  a, step_a = _restore_final(config, straight)
+  b, step_b = _restore_final(config, killed)
+  assert step_a == step_b == 1500
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # metrics.jsonl has each logged step once, despite the restart.
+  steps = [json.loads(line)['step'] for line in open(os.path.join(killed, 'metrics.jsonl'))]
+  assert steps == list(range(50, 1501, 50))
+
+
+SHARDED_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import run_lib
+    from configs.toy import test as test_config
+    assert jax.device_count() == 8, jax.devices()
+    config = test_config.get_config()
+    config.data.data_dir = {data_dir!r}
+    comp = run_lib.build(config)
+    state = run_lib.init_state(config, comp)
+    batch = comp.train_data.batch(0)
+    out = {{}}
+    for n in (1, 8):
+      mesh = run_lib.make_mesh(jax.devices()[:n])
+      sh = NamedSharding(mesh, P('data'))
+      rep = NamedSharding(mesh, P())
+      b = jax.tree.map(lambda a: jax.device_put(a, sh), batch)
+      f = jax.jit(jax.value_and_grad(comp.loss_fn), in_shardings=(rep, rep, sh), out_shardings=rep)
+      loss, grads = f(state.params, jax.random.PRNGKey(3), b)
+      assert len(b['x'].sharding.device_set) == n
+      step_fn, bsh = run_lib.compile_train_step(comp, config, mesh)
+      fresh = jax.device_put(jax.tree.map(np.array, state), rep)   # the step donates its input
+      s, losses = step_fn(fresh, run_lib.global_batches(comp, 0, 1, bsh))
+      out[n] = (float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)], float(losses[0]),
+                [np.asarray(p) for p in jax.tree.leaves(s.params)])
+    np.testing.assert_allclose(out[8][0], out[1][0], rtol=1e-5)
+    for g8, g1 in zip(out[8][1], out[1][1]):
+      np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out[8][2], out[1][2], rtol=1e-5)
+    for p8, p1 in zip(out[8][3], out[1][3]):
+      np.testing.assert_allclose(p8, p1, rtol=1e-4, atol=1e-6)
+    print('SHARDED OK')
+''')
+
+
+def test_sharded_step_on_8_devices_matches_one_device(data_dir):
+  script = SHARDED_SCRIPT.format(root=ROOT, data_dir=data_dir)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert 'SHARDED OK' in result.stdout, result.stdout + result.stderr
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_in_step(data_dir, tmp_path):
+  """Two processes on loopback, joined by jax.distributed.initialize (CPU collectives: gloo)."""
+  port = _free_port()
+  workdir = str(tmp_path / 'multi')
+  args = ['--mode', 'train', '--workdir', workdir, '--multihost',
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+          '--config.training.n_iters=30', '--config.training.snapshot_sampling=False']
+  env = {'JAX_PLATFORMS': 'cpu'}
+  procs = [_main(args + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  prints = [line.split('fingerprint ')[1] for out in outs for line in out.splitlines()
+            if 'params fingerprint' in line]
+  assert len(prints) == 2 and prints[0] == prints[1], outs
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'snapshots', '30'))
+
+
+def test_bad_configs_fail_with_clear_messages(data_dir):
+  config = _config(data_dir)
+  with pytest.raises(AttributeError, match='batchsize'):
+    config.training.batchsize = 8      # misspelled key: the config is locked
+  cases = [('sde.name', 'vp', r"sde.name='vp'; valid: \['subvpsde', 'vesde', 'vpsde'\]"),
+           ('optim.lr', -1e-3, 'optim.lr must be positive, got -0.001'),
+           ('sampling.predictor', 'heun', r"sampling.predictor='heun'; valid"),
+           ('sampling.corrector', 'hmc', r"sampling.corrector='hmc'; valid"),
+           ('training.loss', 'l1', r"training.loss='l1'"),
+           ('training.batch_size', 0, 'training.batch_size must be positive')]
+  for key, value, message in cases:
+    config = _config(data_dir, **{key: value})
+    with pytest.raises(ValueError, match=message):
+      run_lib.validate_config(config, num_devices=1)
+  config = _config(data_dir, **{'training.batch_size': 64})
+  with pytest.raises(ValueError, match='batch_size=64 is not divisible by the 3 devices'):
+    run_lib.validate_config(config, num_devices=3)
+
+
+def test_misspelled_command_line_key_fails_at_start(data_dir, tmp_path):
+  proc = _main(['--workdir', str(tmp_path), '--config.training.batchsize=8'], data_dir)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and 'Did you mean "batch_size" instead of "batchsize"?' in out
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  good = _config(data_dir, **{'training.n_iters': 20, 'training.snapshot_sampling': False})
+  run_lib.train(good, workdir)
+  # Resume with a learning rate that blows the parameters up.
+  bad = _config(data_dir, **{'optim.lr': 1e12, 'optim.warmup': 0,
+                             'training.n_iters': 400, 'training.snapshot_sampling': False})
+  with pytest.raises(run_lib.NonFiniteLossError,
+                     match=r'Loss became (nan|inf) at step \d+.*last good checkpoint \(step 20\)'):
+    run_lib.train(bad, workdir)
+  state, step = _restore_final(good, workdir)
+  assert step == 20
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+
+def test_eval_and_sample_modes_write_what_they_say(data_dir, tmp_path):
+  config = _config(data_dir)
+  workdir = str(tmp_path)
+  run_lib.train(config, workdir)
+  reports = run_lib.evaluate(config, workdir)
+  assert [os.path.basename(r) for r in reports] == ['report_20.json', 'report_40.json']
+  report = json.load(open(reports[-1]))
+  assert set(run_lib.REPORT_KEYS + run_lib.TOY_REPORT_KEYS) <= set(report)
+  assert report['num_samples'] == config.sampling.num_samples
+  assert os.path.exists(report['samples_png'])
+  assert all(np.isfinite(report[k]) for k in ('eval_loss', 'bpd', 'test_logp_true', 'test_logp_model'))
+  # Preempted evaluation resumes: an existing report is kept, a missing one is redone.
+  os.remove(reports[0])
+  mtime = os.path.getmtime(reports[1])
+  run_lib.evaluate(config, workdir)
+  assert os.path.exists(reports[0]) and os.path.getmtime(reports[1]) == mtime
+  npz, png = run_lib.sample(config, workdir)
+  data = np.load(npz)
+  assert data['samples'].shape == (config.sampling.num_samples, 2)
+  assert int(data['nfe']) == config.sde.num_scales * 2   # reverse diffusion + Langevin
+  assert os.path.getsize(png) > 1000
