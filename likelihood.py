@@ -42,7 +42,7 @@ class LikelihoodResult(NamedTuple):
   bpd: jax.Array    # [batch] bits per dimension (with the dequantization offset, if any)
   logp: jax.Array   # [batch] log-density of x at time eps, in nats
   z: jax.Array      # latent code x(T), shape of x
-  nfe: jax.Array    # ODE vector-field evaluations (each one score forward pass plus a JVP)
+  nfe: jax.Array    # ODE vector-field evaluations: each one score pass with one JVP (D JVPs if exact)
 
 
 def uniform_dequantize(key, images, num_bits: int = 8):

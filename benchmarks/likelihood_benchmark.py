@@ -107,7 +107,6 @@ def make_problem(name, dtype, quick, image_components):
   if name == '2d_mixture':
     mix = gaussian_mixture.two_dimensional_example()
     n = 100 if quick else 1000
-    x = mix.sample(jax.random.PRNGKey(0), n)
   elif name == 'images_64x32x32x3':
     n, h, w, c = (4, 8, 8, 3) if quick else (64, 32, 32, 3)
     i = np.arange(h)[:, None, None] / h
@@ -123,10 +122,23 @@ def make_problem(name, dtype, quick, image_components):
       means = np.stack([mean, -0.5 * mean + 0.2])
       variances = np.stack([var, var[::-1]])
     mix = gaussian_mixture.GaussianMixture.from_diag(weights, means, variances)
-    x = mix.sample(jax.random.PRNGKey(0), n)
   else:
     raise ValueError(f'unknown problem {name!r}')
-  return _cast_tree(mix, dtype), x.astype(dtype)
+  x = _sample(mix, n, seed=0)
+  return _cast_tree(mix, dtype), jnp.asarray(x, dtype)
+
+
+def _sample(mix, n, seed):
+  """n float32 samples of ``mix`` drawn with numpy, so that float32 and --x64 runs
+  evaluate the very same points."""
+  rng = np.random.default_rng(seed)
+  w = np.asarray(mix.weights, np.float64)
+  comp = rng.choice(len(w), size=n, p=w / w.sum())
+  z = rng.standard_normal((n, mix.dim)) * np.sqrt(np.asarray(mix.eigvals, np.float64)[comp])
+  if mix.eigvecs is not None:
+    z = np.einsum('nde,ne->nd', np.asarray(mix.eigvecs, np.float64)[comp], z)
+  x = np.asarray(mix.means, np.float64)[comp] + z
+  return x.reshape((n,) + tuple(mix.event_shape)).astype(np.float32)
 
 
 def make_sde(name):
@@ -444,9 +456,20 @@ def print_recommendation(rec):
           + ';  '.join(parts))
 
 
+def _cpu_model():
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
 def machine_info():
   return {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-          'platform': platform.platform(), 'processor': platform.processor(),
+          'platform': platform.platform(), 'processor': platform.processor() or _cpu_model(),
           'machine': platform.machine(), 'python': platform.python_version(),
           'cpu_count': os.cpu_count(), 'jax': jax.__version__,
           'diffrax': __import__('diffrax').__version__, 'scipy': scipy.__version__,

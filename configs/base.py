@@ -70,7 +70,7 @@ def get_base_config():
   sampling.probability_flow = False
   sampling.noise_removal = True
   sampling.eps = 1e-3
-  sampling.ode_solver = 'tsit5'
+  sampling.ode_solver = 'dopri5'
   sampling.rtol = 1e-5
   sampling.atol = 1e-5
   sampling.num_samples = 2000         # sample mode and evaluation

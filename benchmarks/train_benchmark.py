@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Training throughput of the toy and digits configs, and the wall time of the README's first command.
+
+For each config: steps per second of the compiled, sharded train step (after a warm-up
+call that compiles), with 1 and with 10 steps per compiled call; the baseline is one
+step per call in the same run. Then, unless --skip_readme, the README's first command
+is run in a fresh workdir and timed end to end (train, evaluate, sample, picture).
+
+Usage (repository root):  python benchmarks/train_benchmark.py [--steps 200] [--skip_readme]
+Writes benchmarks/results/train.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import run_lib  # noqa: E402
+from configs.toy import mixture  # noqa: E402
+from configs.vp import digits  # noqa: E402
+
+README_COMMAND = [sys.executable, 'main.py', '--config', 'configs/toy/mixture.py', '--mode', 'all']
+
+
+def steps_per_second(config, steps, steps_per_call):
+  config.training.steps_per_call = steps_per_call
+  comp = run_lib.build(config)
+  mesh = run_lib.make_mesh()
+  step_fn, sharding = run_lib.compile_train_step(comp, config, mesh)
+  state = jax.device_put(run_lib.init_state(config, comp), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state, loss = step_fn(state, run_lib.global_batches(comp, 0, steps_per_call, sharding))   # compile
+  jax.block_until_ready(loss)
+  t0 = time.perf_counter()
+  done = 0
+  while done < steps:
+    batches = run_lib.global_batches(comp, steps_per_call + done, steps_per_call, sharding)
+    state, loss = step_fn(state, batches)
+    np.asarray(loss)   # the training loop reads the loss every call (NaN check)
+    done += steps_per_call
+  return done / (time.perf_counter() - t0)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--steps', type=int, default=200)
+  parser.add_argument('--skip_readme', action='store_true')
+  args = parser.parse_args()
+  rows = []
+  for name, get_config in (('toy/mixture', mixture.get_config), ('vp/digits', digits.get_config)):
+    for k in (1, 10):
+      config = get_config()
+      rate = steps_per_second(config, args.steps, k)
+      rows.append(dict(config=name, batch_size=config.training.batch_size, steps_per_call=k,
+                       steps_per_s=rate, examples_per_s=rate * config.training.batch_size))
+  for row in rows:
+    base = next(r for r in rows if r['config'] == row['config'] and r['steps_per_call'] == 1)
+    row['speedup_vs_1_step_per_call'] = row['steps_per_s'] / base['steps_per_s']
+  readme = None
+  if not args.skip_readme:
+    with tempfile.TemporaryDirectory() as workdir:
+      t0 = time.perf_counter()
+      proc = subprocess.run(README_COMMAND + ['--workdir', workdir], cwd=ROOT, capture_output=True, text=True)
+      readme = dict(command=' '.join(README_COMMAND[1:]) + ' --workdir DIR', seconds=time.perf_counter() - t0,
+                    returncode=proc.returncode)
+  print(f"{'config':<12} {'batch':>5} {'steps/call':>10} {'steps/s':>9} {'examples/s':>11} {'vs 1/call':>9}")
+  for r in rows:
+    print(f"{r['config']:<12} {r['batch_size']:>5} {r['steps_per_call']:>10} {r['steps_per_s']:>9.1f} "
+          f"{r['examples_per_s']:>11.0f} {r['speedup_vs_1_step_per_call']:>9.2f}")
+  if readme:
+    print(f"README command: {readme['seconds']:.0f} s (exit {readme['returncode']})")
+  result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
+                             devices=[str(d) for d in jax.devices()], jax=jax.__version__),
+                rows=rows, readme_command=readme)
+  out = os.path.join(ROOT, 'benchmarks', 'results', 'train.json')
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, 'w') as f:
+    json.dump(result, f, indent=1)
+  print(f'Wrote {out}')
+
+
+if __name__ == '__main__':
+  main()
