@@ -224,7 +224,14 @@ class _Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def _local_source(builder_cls, config, split, data_dir):
   """Builds a local TFDS dataset on first use and returns its array_record data source."""
   builder = builder_cls(config=config, data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except FileExistsError:
+    # Several processes on one disk prepared it at once and another one renamed its copy
+    # into place first. Generation is seeded, so that copy is the same data: use it.
+    builder = builder_cls(config=config, data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+      raise
   return builder.as_data_source(split)
 
 

@@ -69,10 +69,11 @@ def dsm_loss(score_fn, sde: sde_lib.SDE, key, x, *, eps: float = 1e-5,
   return jnp.mean(_weight(sde, t, std, likelihood_weighting) * reduce_fn(residual**2))
 
 
-def _discrete_level(key, x, sde):
-  """A uniform noise level i and the time t_i = i T / (N - 1) that labels it."""
-  i = jax.random.randint(key, (x.shape[0],), 0, sde.N)
-  return i, i * sde.T / (sde.N - 1)
+def _discrete_perturbation(key, x, sde):
+  """A uniform noise level i, the time t_i = i T / (N - 1) that labels it, and z ~ N(0, I)."""
+  k_i, k_z = jax.random.split(key)
+  i = jax.random.randint(k_i, (x.shape[0],), 0, sde.N)
+  return i, i * sde.T / (sde.N - 1), jax.random.normal(k_z, x.shape, x.dtype)
 
 
 def smld_loss(score_fn, sde: sde_lib.SDE, key, x, *, reduce: str = 'mean'):
@@ -85,10 +86,8 @@ def smld_loss(score_fn, sde: sde_lib.SDE, key, x, *, reduce: str = 'mean'):
   if not hasattr(sde, 'discrete_sigmas'):
     raise TypeError(f'smld_loss needs an SDE with SMLD noise levels (VESDE), got {type(sde).__name__}')
   reduce_fn = _reduce_fn(reduce)
-  k_i, k_z = jax.random.split(key)
-  i, t = _discrete_level(k_i, x, sde)
+  i, t, z = _discrete_perturbation(key, x, sde)
   sigma = sde.discrete_sigmas[i]
-  z = jax.random.normal(k_z, x.shape, x.dtype)
   score = score_fn(x + batch_broadcast(sigma, x) * z, t)
   return jnp.mean(reduce_fn((score * batch_broadcast(sigma, x) + z)**2))
 
@@ -102,10 +101,8 @@ def ddpm_loss(score_fn, sde: sde_lib.SDE, key, x, *, reduce: str = 'mean'):
   if not hasattr(sde, 'alphas_cumprod'):
     raise TypeError(f'ddpm_loss needs an SDE with a DDPM chain (VPSDE), got {type(sde).__name__}')
   reduce_fn = _reduce_fn(reduce)
-  k_i, k_z = jax.random.split(key)
-  i, t = _discrete_level(k_i, x, sde)
+  i, t, z = _discrete_perturbation(key, x, sde)
   abar = sde.alphas_cumprod[i]
-  z = jax.random.normal(k_z, x.shape, x.dtype)
   x_i = batch_broadcast(jnp.sqrt(abar), x) * x + batch_broadcast(jnp.sqrt(1 - abar), x) * z
   eps_pred = -batch_broadcast(jnp.sqrt(1 - abar), x) * score_fn(x_i, t)
   return jnp.mean(reduce_fn((eps_pred - z)**2))

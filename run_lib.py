@@ -104,7 +104,7 @@ def _make_mlp(config, data_shape):
 def _make_unet(config, data_shape):
   from models.unet import UNet   # imported here: toy runs need no U-Net
   del data_shape
-  return UNet(ch=config.model.ch, ch_mult=tuple(config.model.ch_mult),
+  return UNet(ch=config.model.nf, ch_mult=tuple(config.model.ch_mult),
               num_res_blocks=config.model.num_res_blocks,
               attn_resolutions=tuple(config.model.attn_resolutions),
               dropout=config.model.dropout, embed_dim=config.model.embed_dim)
@@ -123,6 +123,7 @@ class Components(NamedTuple):
   discrete_ddpm: bool
   loss_fn: Any          # (params, key, batch) -> scalar
   optimizer: Any
+  learning_rate: Any    # step -> learning rate (the optimizer's schedule, for logging)
   sampler: Any          # (key, score_fn) -> (samples, nfe), for sampling.batch_size samples
   scaler_slope: float
 
@@ -135,15 +136,20 @@ def _sde_from_config(config):
   return cls(config.sde.beta_min, config.sde.beta_max, config.sde.num_scales)
 
 
-def _dataset(config, split, batch_size, training):
-  """Training data: each host its own shard, endless. Evaluation: one ordered pass, every host."""
+def _dataset(config, split, batch_size, training, whole=False):
+  """Training data: each host its own shard (``whole``: the unsharded stream), endless.
+
+  Evaluation: one ordered pass over the whole split, on every host.
+  """
   common = dict(image_size=config.data.image_size or None, centered=config.data.centered,
                 data_dir=config.data.data_dir or None, seed=config.seed)
   if training:
+    shards = dict(shard_index=0, shard_count=1) if whole else {}
     return datasets.get_dataset(
-        config.data.dataset, split=split, batch_size=batch_size // jax.process_count(),
+        config.data.dataset, split=split,
+        batch_size=batch_size if whole else batch_size // jax.process_count(),
         random_flip=config.data.random_flip,
-        uniform_dequantization=config.data.uniform_dequantization, **common)
+        uniform_dequantization=config.data.uniform_dequantization, **common, **shards)
   return datasets.get_dataset(config.data.dataset, split=split, batch_size=batch_size,
                               shuffle=False, drop_remainder=False, num_epochs=1,
                               shard_index=0, shard_count=1, **common)
@@ -161,7 +167,9 @@ def build(config, num_devices: int | None = None) -> Components:
   eval_data = _dataset(config, 'test', config.eval.batch_size, False)
   data_shape = tuple(train_data.data_shape)
   model = MODELS[config.model.name](config, data_shape)
-  first = _batch_x(train_data.batch(0))
+  # The std of the first global training batch scales the network's inputs. It is read
+  # from the unsharded stream so that every host, and any host count, builds the same model.
+  first = _batch_x(_dataset(config, 'train', config.training.batch_size, True, whole=True).batch(0))
   data_std = float(np.std(first))
   discrete_ddpm = config.training.loss == 'ddpm'
   loss_impl = losses.get_loss(config.training.loss)
@@ -193,7 +201,7 @@ def build(config, num_devices: int | None = None) -> Components:
     sampler = sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
                                        eps=s.eps, denoise=s.noise_removal)
   return Components(sde, model, train_data, eval_data, data_shape, data_std, discrete_ddpm,
-                    loss_fn, optimizer, sampler, 2.0 if config.data.centered else 1.0)
+                    loss_fn, optimizer, schedule, sampler, 2.0 if config.data.centered else 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -404,13 +412,12 @@ def train(config, workdir):
             f'good checkpoint (step {ckpts.latest()[1]}) is kept in {workdir}/checkpoints.')
       state, step = new_state, step + n
       if step % tc.log_freq == 0 or step == tc.n_iters:
-        lr = float(optax.warmup_constant_schedule(0.0, config.optim.lr, max(config.optim.warmup, 1))(step))
-        metrics.write(step, loss=float(loss.mean()), learning_rate=lr)
+        metrics.write(step, loss=float(loss.mean()), learning_rate=float(comp.learning_rate(step)))
         progress.update(step, float(loss.mean()))
       if step % tc.snapshot_freq == 0 or step == tc.n_iters:
         ckpts.save(ckpts.snapshots, step, state)
         if tc.snapshot_sampling and jax.process_index() == 0:
-          _snapshot_samples(config, comp, state, workdir, step)
+          _snapshot_samples(config, comp, host_local(state.ema_params), workdir, step)
       elif step % tc.preemption_freq == 0:
         ckpts.save(ckpts.preemption, step, state)
   finally:
@@ -429,8 +436,9 @@ def params_fingerprint(params) -> float:
   return float(sum(np.sum(np.abs(v)) + np.sum(v) * 1e-3 for v in leaves))
 
 
-def _snapshot_samples(config, comp, state, workdir, step):
-  score_fn = score_lib.get_score_fn(comp.model, comp.sde, state.ema_params, data_std=comp.data_std,
+def _snapshot_samples(config, comp, params, workdir, step):
+  """One batch of samples as a picture, on this process alone (``params`` host-local)."""
+  score_fn = score_lib.get_score_fn(comp.model, comp.sde, params, data_std=comp.data_std,
                                     discrete_ddpm=comp.discrete_ddpm)
   x, _ = comp.sampler(jax.random.PRNGKey(config.seed + 2), score_fn)
   path = os.path.join(workdir, 'samples', f'step_{step}.png')
@@ -440,6 +448,45 @@ def _snapshot_samples(config, comp, state, workdir, step):
 # -----------------------------------------------------------------------------
 # Sampling and evaluation.
 # -----------------------------------------------------------------------------
+
+
+def host_local(tree):
+  """This process's own copy of a pytree of replicated arrays, as single-device arrays.
+
+  A replicated global array spans every process's devices; a computation that only
+  one process runs (snapshot samples) or that each process runs on its own share
+  (evaluation) needs the copy on one of its own devices.
+  """
+  return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
+
+
+def map_over_processes(fn, n, item_shape=()):
+  """``[fn(0), ..., fn(n - 1)]``, process p computing the items i with i mod count = p.
+
+  ``fn(i)`` returns an array of shape ``[length_i, *item_shape]`` (the length may vary
+  with i). Every process gets all n results, in index order, as float32. With one
+  process this is a plain loop.
+  """
+  count, me = jax.process_count(), jax.process_index()
+  item_shape = tuple(item_shape)
+  mine = [np.asarray(fn(i), np.float32).reshape((-1,) + item_shape) for i in range(me, n, count)]
+  if count == 1:
+    return mine
+  from jax.experimental import multihost_utils
+  lengths = np.zeros(-(-n // count), np.int32)   # at most ceil(n / count) items each
+  lengths[:len(mine)] = [len(m) for m in mine]
+  all_lengths = np.asarray(multihost_utils.process_allgather(lengths))   # [count, items]
+  data = np.zeros((int(all_lengths.sum(axis=1).max()),) + item_shape, np.float32)
+  if mine:
+    flat = np.concatenate(mine)
+    data[:len(flat)] = flat
+  all_data = np.asarray(multihost_utils.process_allgather(data))          # [count, rows, ...]
+  out = [None] * n
+  for p in range(count):
+    offsets = np.concatenate([[0], np.cumsum(all_lengths[p])])
+    for j, i in enumerate(range(p, n, count)):
+      out[i] = all_data[p, offsets[j]:offsets[j + 1]]
+  return out
 
 
 def _restore_for_eval(config, comp, workdir, step=None):
@@ -458,16 +505,24 @@ def _restore_for_eval(config, comp, workdir, step=None):
 
 
 def draw_samples(config, comp, params, key, num_samples):
-  """num_samples samples in rounds of sampling.batch_size (the last round trimmed). Returns (x, nfe)."""
-  score_fn = score_lib.get_score_fn(comp.model, comp.sde, params, data_std=comp.data_std,
-                                    discrete_ddpm=comp.discrete_ddpm)
+  """num_samples samples in rounds of sampling.batch_size (the last round trimmed).
+
+  Round r uses the key fold_in(key, r), so the samples do not depend on how many
+  processes share the rounds. Returns (x, nfe), nfe per sample of the last round.
+  """
+  score_fn = score_lib.get_score_fn(comp.model, comp.sde, host_local(params),
+                                    data_std=comp.data_std, discrete_ddpm=comp.discrete_ddpm)
+  nfes = {}
+
+  def one_round(r):
+    x, nfe = comp.sampler(jax.random.fold_in(key, r), score_fn)
+    nfes[r] = int(nfe)
+    return np.asarray(x)
+
   rounds = math.ceil(num_samples / config.sampling.batch_size)
-  out, nfe = [], 0
-  for r in range(rounds):
-    x, n = comp.sampler(jax.random.fold_in(key, r), score_fn)
-    out.append(np.asarray(x))
-    nfe = int(n)
-  return np.concatenate(out)[:num_samples], nfe
+  out = map_over_processes(one_round, rounds, comp.data_shape)
+  nfe = map_over_processes(lambda r: np.array([nfes[r]]), rounds)[-1]
+  return np.concatenate(out)[:num_samples], int(nfe[0])
 
 
 def sample(config, workdir):
@@ -476,12 +531,13 @@ def sample(config, workdir):
   state, step = _restore_for_eval(config, comp, workdir)
   x, nfe = draw_samples(config, comp, state.ema_params, jax.random.PRNGKey(config.seed + 3),
                         config.sampling.num_samples)
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   npz = os.path.join(workdir, 'samples', f'samples_{step}.npz')
-  np.savez(npz, samples=x, nfe=nfe, step=step)
   png = os.path.join(workdir, 'samples', f'samples_{step}.png')
-  plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
-  print(f'{len(x)} samples at step {step} ({nfe} score evaluations per sample): {npz}, {png}')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+    np.savez(npz, samples=x, nfe=nfe, step=step)
+    plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+    print(f'{len(x)} samples at step {step} ({nfe} score evaluations per sample): {npz}, {png}')
   return npz, png
 
 
@@ -530,25 +586,37 @@ def evaluate(config, workdir):
   return written
 
 
-def _eval_batches(comp, max_examples):
+def _eval_batch_count(comp, max_examples):
   n = comp.eval_data.num_examples
   if max_examples:
     n = min(n, max_examples)
-  bs = comp.eval_data.batch_size
-  for i in range(math.ceil(n / bs)):
-    yield _batch_x(comp.eval_data.batch(i))[: n - i * bs]
+  return n, math.ceil(n / comp.eval_data.batch_size)
+
+
+def _eval_batch(comp, max_examples, i):
+  """Batch i of the (possibly truncated) test split; the last one may be short."""
+  n, _ = _eval_batch_count(comp, max_examples)
+  return _batch_x(comp.eval_data.batch(i))[: n - i * comp.eval_data.batch_size]
 
 
 def _evaluate_checkpoint(config, comp, state, step, workdir):
+  """The report of one checkpoint; the batches and sample rounds are shared among processes.
+
+  Batch i always uses the key fold_in(key, i), so the numbers do not depend on the
+  process count.
+  """
   ec = config.eval
-  params = state.ema_params
+  params = host_local(state.ema_params)
   report = {'step': int(step)}
   key = jax.random.PRNGKey(config.seed + 4)
+  _, num_batches = _eval_batch_count(comp, ec.bpd_max_examples)
+  batch = functools.partial(_eval_batch, comp, ec.bpd_max_examples)
   if ec.enable_loss:
     loss_fn = jax.jit(comp.loss_fn)
-    values = [float(loss_fn(params, jax.random.fold_in(key, i), {'x': x}))
-              for i, x in enumerate(_eval_batches(comp, ec.bpd_max_examples))]
-    report['eval_loss'] = float(np.mean(values))
+    values = map_over_processes(
+        lambda i: np.array([loss_fn(params, jax.random.fold_in(key, i), {'x': batch(i)})]),
+        num_batches)
+    report['eval_loss'] = float(np.mean(np.concatenate(values)))
   if ec.enable_bpd:
     num_bits = config.data.num_bits or None
     lik = likelihood.get_likelihood_fn(comp.sde, hutchinson_type=ec.hutchinson_type, rtol=ec.rtol,
@@ -556,26 +624,29 @@ def _evaluate_checkpoint(config, comp, state, step, workdir):
                                        scaler_slope=comp.scaler_slope)
     score_fn = score_lib.get_score_fn(comp.model, comp.sde, params, data_std=comp.data_std,
                                       discrete_ddpm=comp.discrete_ddpm)
-    bpds, logps, nfes = [], [], []
-    for r in range(max(ec.bpd_num_repeats, 1)):
-      for i, x in enumerate(_eval_batches(comp, ec.bpd_max_examples)):
-        k = jax.random.fold_in(jax.random.fold_in(key, 1000 + r), i)
-        if config.data.uniform_dequantization:
-          x = _dequantize_eval(k, x, config.data.centered)
-        res = lik(k, score_fn, jnp.asarray(x))
-        bpds.append(np.asarray(res.bpd))
-        logps.append(np.asarray(res.logp))
-        nfes.append(int(res.nfe))
-    bpd = np.concatenate(bpds)
+    def one_batch(j):
+      r, i = divmod(j, num_batches)     # pass r over the test split, batch i
+      k = jax.random.fold_in(jax.random.fold_in(key, 1000 + r), i)
+      x = batch(i)
+      if config.data.uniform_dequantization:
+        x = _dequantize_eval(k, x, config.data.centered)
+      res = lik(k, score_fn, jnp.asarray(x))
+      # Columns: bpd, log p, and the solve's NFE (shared by the batch).
+      return np.stack([np.asarray(res.bpd), np.asarray(res.logp),
+                       np.full(len(x), int(res.nfe))], axis=-1)
+
+    results = map_over_processes(one_batch, max(ec.bpd_num_repeats, 1) * num_batches, (3,))
+    bpd = np.concatenate([r[:, 0] for r in results])
     report['bpd'] = float(bpd.mean())
     report['bpd_stderr'] = float(bpd.std() / np.sqrt(len(bpd)))
-    report['nfe_likelihood'] = float(np.mean(nfes))
-    report['test_logp_model'] = float(np.concatenate(logps).mean())
+    report['nfe_likelihood'] = float(np.mean([r[0, 2] for r in results]))
+    report['test_logp_model'] = float(np.concatenate([r[:, 1] for r in results]).mean())
   if ec.enable_sampling:
     x, nfe = draw_samples(config, comp, params, jax.random.PRNGKey(config.seed + 5),
                           config.sampling.num_samples)
     png = os.path.join(workdir, 'eval', f'samples_{step}.png')
-    plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+    if jax.process_index() == 0:
+      plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
     report.update(num_samples=len(x), nfe_sampling=nfe, samples_png=os.path.abspath(png))
     log_prob = datasets.toy_log_prob(config.data.dataset)
     if x.ndim == 2:
@@ -585,7 +656,7 @@ def _evaluate_checkpoint(config, comp, state, step, workdir):
       report['energy_distance_model'] = energy_distance(x, true_a)
       report['energy_distance_true_vs_true'] = energy_distance(true_b, true_a)
       if log_prob is not None:
-        test = np.concatenate(list(_eval_batches(comp, ec.bpd_max_examples)))
+        test = np.concatenate([batch(i) for i in range(num_batches)])
         report['test_logp_true'] = float(np.mean(log_prob(test)))
   return report
 

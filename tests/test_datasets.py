@@ -88,6 +88,23 @@ def test_toy_shards_of_two_hosts_are_disjoint_and_cover_the_split(data_dir):
   assert rows[0] | rows[1] == everything
 
 
+def test_local_dataset_prepared_first_by_another_process_is_reused(tmp_path, monkeypatch):
+  """Two hosts on one disk: the one whose rename loses the race reads the winner's copy."""
+  data_dir = str(tmp_path)
+  winner = datasets._Toy2D(config='two_moons', data_dir=data_dir, file_format='array_record')
+  prepare = datasets._Toy2D.download_and_prepare
+
+  def lose_the_race(self, *args, **kwargs):
+    prepare(winner)
+    raise FileExistsError('Cannot rename incomplete.XXXX_1.0.0: destination already exists.')
+
+  monkeypatch.setattr(datasets._Toy2D, 'download_and_prepare', lose_the_race)
+  ds = datasets.get_dataset('two_moons', split='test', batch_size=16, data_dir=data_dir,
+                            shard_index=0, shard_count=1, shuffle=False)
+  assert ds.num_examples == datasets.TOY_SPLITS['test']
+  assert ds.batch(0)['x'].shape == (16, 2)
+
+
 def test_mixture_log_prob_is_the_gaussian_mixture(mixture):
   log_prob = datasets.toy_log_prob('gaussian_mixture')
   x = np.random.default_rng(0).normal(size=(64, 2)) * 2

@@ -174,6 +174,32 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
   assert len(prints) == 2 and prints[0] == prints[1], outs
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'snapshots', '30'))
 
+  # Evaluation and sampling split their batches and rounds between the two processes;
+  # the numbers must be those of one process doing everything.
+  shared = ['--workdir', workdir, '--config.training.n_iters=30', '--config.eval.batch_size=30',
+            '--config.eval.bpd_max_examples=100', '--config.eval.begin_ckpt=30']
+  for mode in ('eval', 'sample'):
+    port = _free_port()
+    multi = [f'--mode={mode}', '--multihost', f'--coordinator_address=127.0.0.1:{port}',
+             '--num_processes=2'] + shared
+    procs = [_main(multi + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out
+  report = json.load(open(os.path.join(workdir, 'eval', 'report_30.json')))
+  config = _config(data_dir, **{'training.n_iters': 30, 'eval.batch_size': 30,
+                                'eval.bpd_max_examples': 100})
+  comp = run_lib.build(config)
+  state, _ = run_lib._restore_for_eval(config, comp, workdir, 30)
+  single = run_lib._evaluate_checkpoint(config, comp, state, 30, str(tmp_path / 'single'))
+  for key in ('eval_loss', 'bpd', 'bpd_stderr', 'test_logp_model', 'energy_distance_model',
+              'nfe_likelihood', 'nfe_sampling', 'num_samples'):
+    np.testing.assert_allclose(report[key], single[key], rtol=1e-5, err_msg=key)
+  samples = np.load(os.path.join(workdir, 'samples', 'samples_30.npz'))['samples']
+  x, _ = run_lib.draw_samples(config, comp, state.ema_params, jax.random.PRNGKey(config.seed + 3),
+                              config.sampling.num_samples)
+  np.testing.assert_allclose(samples, x, rtol=1e-5, atol=1e-6)
+
 
 def test_bad_configs_fail_with_clear_messages(data_dir):
   config = _config(data_dir)
