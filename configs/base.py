@@ -18,7 +18,9 @@ def get_base_config():
   data.random_flip = False
   data.uniform_dequantization = False
   data.num_bits = 0                   # bits per value of quantized data (8 for images); 0: continuous
+  data.num_channels = 3               # image channels (checked against the data)
   data.data_dir = ''                  # '' : datasets.py's default location
+  data.tfrecords_path = ''            # ffhq / celebahq: the reference's .tfrecords file(s)
 
   config.sde = sde = ml_collections.ConfigDict()
   sde.name = 'vpsde'                  # vesde | vpsde | subvpsde
@@ -29,15 +31,31 @@ def get_base_config():
   sde.num_scales = 1000
 
   config.model = model = ml_collections.ConfigDict()
-  model.name = 'mlp'                  # mlp | unet
+  model.name = 'mlp'                  # mlp | unet | ncsnpp | ddpm | ncsnv2_64 | ncsnv2_128 | ncsnv2_256 | ncsn
+  model.ema_rate = 0.999
   model.hidden = (128, 128, 128)      # mlp
-  model.ch = 32                       # unet
-  model.ch_mult = (1, 2)
+  model.embed_dim = 64                # mlp, unet: size of the time embedding
+  model.nf = 32                       # base width (unet, ncsnpp, ddpm, ncsn, ncsnv2)
+  model.ch_mult = (1, 2)              # width multiplier per resolution (unet, ncsnpp, ddpm)
   model.num_res_blocks = 1
   model.attn_resolutions = ()
   model.dropout = 0.0
-  model.embed_dim = 64
-  model.ema_rate = 0.999
+  # The paper's architectures (configs/architectures.py sets them; models/ documents each).
+  model.nonlinearity = 'swish'
+  model.resamp_with_conv = True
+  model.conditional = True            # time (noise level) conditioning
+  model.scale_by_sigma = False        # VE models: output divided by the noise level
+  model.fir = False                   # FIR up/down-sampling (ncsnpp)
+  model.fir_kernel = (1, 3, 3, 1)
+  model.skip_rescale = False
+  model.resblock_type = 'ddpm'        # ddpm | biggan
+  model.progressive = 'none'          # none | output_skip | residual
+  model.progressive_input = 'none'    # none | input_skip | residual
+  model.progressive_combine = 'sum'   # sum | cat
+  model.embedding_type = 'positional' # positional | fourier
+  model.fourier_scale = 16.0
+  model.init_scale = 0.0
+  model.interpolation = 'bilinear'    # ncsn, ncsnv2: upsampling in the refine blocks
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 256

@@ -7,6 +7,7 @@ def get_config():
   config.data.dataset = 'digits'
   config.data.uniform_dequantization = True
   config.data.num_bits = 8
+  config.data.num_channels = 1
   config.model.name = 'unet'
   config.model.embed_dim = 128
   config.training.batch_size = 128

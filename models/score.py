@@ -7,8 +7,9 @@ from inputs scaled to unit variance, and
 
 where p_0t(x_t | x_0) = N(a x_0, std^2 I). For the discrete DDPM chain (the 'ddpm'
 loss) a and std are those of level i = t (N - 1): sqrt(abar_i) and sqrt(1 - abar_i).
-The paper's architectures and the reference's per-SDE label conventions (needed
-to import its checkpoints) come with those architectures.
+The paper's architectures (NCSN++, DDPM++, DDPM, NCSN, NCSNv2) instead follow the
+reference's per-SDE label and output conventions, so that its checkpoints work:
+``reference_network_score`` below, with the table of conventions.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import sde_lib
 from sde_lib import batch_broadcast
 
 
@@ -56,3 +58,84 @@ def get_score_fn(model, sde, params, *, data_std: float, discrete_ddpm: bool = F
   """An evaluation-mode ``score_fn(x, t)`` with ``sde`` and ``params`` bound as pytree leaves."""
   return jax.tree_util.Partial(_NetworkScore(model, discrete_ddpm), sde, params,
                                jnp.asarray(data_std, jnp.float32))
+
+
+# -----------------------------------------------------------------------------
+# The paper's architectures (NCSN++, DDPM++, DDPM, NCSN, NCSNv2): the reference's
+# conditioning conventions, needed to use its checkpoints. Written down once here.
+#
+#   SDE     time        label given to the network          network output -> score
+#   VE      continuous  sigma(t), the marginal std           the output is the score
+#   VE      discrete    round((T - t)(N - 1)): the index of   the output is the score
+#                       sigma in the DESCENDING sequence
+#   VP      continuous  999 t                                -output / std(t)
+#   VP      discrete    t (N - 1)                            -output / sqrt(1 - abar_i),
+#                                                            i = round(t (N - 1))
+#   sub-VP  continuous  999 t                                -output / std(t)
+#
+# VE networks with scale_by_sigma divide their output by the noise level themselves.
+# The reference truncates t (N - 1) to pick abar_i; rounding gives the same level at
+# the training times t_i = i / (N - 1) in float32, where truncation can fall one short.
+# -----------------------------------------------------------------------------
+
+
+def _ve_convention(sde, t, continuous):
+  if continuous:
+    return sde.marginal_coeffs(t)[1], None
+  return jnp.round((sde.T - t) * (sde.N - 1)), None
+
+
+def _vp_convention(sde, t, continuous):
+  if continuous:
+    return 999.0 * t, sde.marginal_coeffs(t)[1]
+  abar = sde.alphas_cumprod[jnp.round(t * (sde.N - 1)).astype(jnp.int32)]
+  return t * (sde.N - 1), jnp.sqrt(1.0 - abar)
+
+
+def _subvp_convention(sde, t, continuous):
+  if not continuous:
+    raise ValueError('sub-VP has no discrete-time network convention: train it in continuous time '
+                     "(training.loss 'dsm', 'ssm' or 'esm')")
+  return 999.0 * t, sde.marginal_coeffs(t)[1]
+
+
+_CONVENTIONS = {sde_lib.VESDE: _ve_convention, sde_lib.VPSDE: _vp_convention,
+                sde_lib.subVPSDE: _subvp_convention}
+
+
+def reference_labels(sde, t, continuous: bool):
+  """The network's label for times ``t`` [batch], and the std that divides its output (or None).
+
+  One entry per SDE type (see the table above); an SDE without one gets a clear error.
+  """
+  try:
+    convention = _CONVENTIONS[type(sde)]
+  except KeyError:
+    raise ValueError(f'No network convention for {type(sde).__name__}; known: '
+                     f'{[c.__name__ for c in _CONVENTIONS]}') from None
+  return convention(sde, t, continuous)
+
+
+def reference_network_score(model, sde, params, x, t, *, continuous: bool, train: bool = False,
+                            dropout_key=None):
+  """The score of one of the paper's networks, called as ``model.apply(params, x, labels)``."""
+  labels, std = reference_labels(sde, t, continuous)
+  kwargs = {}
+  if train:
+    kwargs = dict(train=True, rngs={'dropout': dropout_key})
+  out = model.apply(params, x, labels, **kwargs)
+  return out if std is None else -out / batch_broadcast(std, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReferenceScore:
+  model: Any
+  continuous: bool
+
+  def __call__(self, sde, params, x, t):
+    return reference_network_score(self.model, sde, params, x, t, continuous=self.continuous)
+
+
+def get_reference_score_fn(model, sde, params, *, continuous: bool):
+  """An evaluation-mode ``score_fn(x, t)`` of a paper network, ``sde`` and ``params`` as leaves."""
+  return jax.tree_util.Partial(_ReferenceScore(model, continuous), sde, params)

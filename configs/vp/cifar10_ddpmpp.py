@@ -1,0 +1,13 @@
+"""DDPM++ on CIFAR-10, VP, discrete time (the DDPM objective), ancestral sampling."""
+from configs import architectures
+from configs import cifar10_base
+
+
+def get_config():
+  config = cifar10_base.get_config()
+  config.sde.name = 'vpsde'
+  cifar10_base.vp_training(config)
+  architectures.ddpmpp(config)
+  config.training.loss = 'ddpm'
+  config.sampling.predictor = 'ancestral_sampling'
+  return config

@@ -1,0 +1,11 @@
+"""NCSN++ (positional embedding) on CIFAR-10, VP, continuous."""
+from configs import architectures
+from configs import cifar10_base
+
+
+def get_config():
+  config = cifar10_base.get_config()
+  config.sde.name = 'vpsde'
+  cifar10_base.vp_training(config)
+  architectures.ncsnpp(config, embedding='positional')
+  return config

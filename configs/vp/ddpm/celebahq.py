@@ -1,0 +1,16 @@
+"""DDPM 256 on CelebA-HQ 256 (TFRecords): the discrete VP chain."""
+from configs import architectures
+from configs import cifar10_base
+from configs import lsun_base
+
+
+def get_config():
+  config = lsun_base.get_config()
+  config.sde.name = 'vpsde'
+  config.data.dataset = 'celebahq'
+  cifar10_base.vp_training(config)
+  architectures.ddpm(config, ch_mult=(1, 1, 2, 2, 4, 4))
+  config.sde.num_scales = 1000
+  config.training.loss = 'ddpm'
+  config.sampling.predictor = 'ancestral_sampling'
+  return config
