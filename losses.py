@@ -176,6 +176,9 @@ def esm_loss(score_fn, sde: sde_lib.SDE, key, x, *, eps: float = 1e-5,
   return _perturbed_implicit_loss(objective, sde, key, x, eps, likelihood_weighting, reduce)
 
 
+# Losses over the N discrete noise levels (the others draw t ~ U(eps, T)).
+DISCRETE_LOSSES = ('smld', 'ddpm')
+
 LOSSES = {'dsm': dsm_loss, 'smld': smld_loss, 'ddpm': ddpm_loss, 'ssm': ssm_loss,
           'esm': esm_loss}
 

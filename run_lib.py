@@ -96,21 +96,76 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
          f'eval.hutchinson_type={config.eval.hutchinson_type!r}; valid: {list(likelihood.HUTCHINSON_TYPES)}')
 
 
-def _make_mlp(config, data_shape):
-  del data_shape
+def _make_mlp(config):
   return ScoreMLP(hidden=tuple(config.model.hidden), embed_dim=config.model.embed_dim)
 
 
-def _make_unet(config, data_shape):
+def _make_unet(config):
   from models.unet import UNet   # imported here: toy runs need no U-Net
-  del data_shape
   return UNet(ch=config.model.nf, ch_mult=tuple(config.model.ch_mult),
               num_res_blocks=config.model.num_res_blocks,
               attn_resolutions=tuple(config.model.attn_resolutions),
               dropout=config.model.dropout, embed_dim=config.model.embed_dim)
 
 
-MODELS = {'mlp': _make_mlp, 'unet': _make_unet}
+def _make_refinenet(config):
+  """NCSN v1 and NCSNv2 (RefineNets): the SMLD noise levels come from the sde section."""
+  from models import ncsnv2
+  cls = {'ncsn': ncsnv2.NCSN, 'ncsnv2_64': ncsnv2.NCSNv2, 'ncsnv2_128': ncsnv2.NCSNv2_128,
+         'ncsnv2_256': ncsnv2.NCSNv2_256}[config.model.name]
+  m, sde = config.model, config.sde
+  return cls(nf=m.nf, num_scales=sde.num_scales, sigma_min=sde.sigma_min, sigma_max=sde.sigma_max,
+             scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity,
+             interpolation=m.interpolation, centered=config.data.centered)
+
+
+# name: (builder, convention). Convention 'ours': models/score.network_score (noise
+# prediction from unit-variance inputs); 'reference': the paper's networks, conditioned
+# as the reference conditions them (models/score.reference_network_score).
+def _discrete_sigmas(config):
+  """The descending noise levels by which discrete VE networks scale their output, else None."""
+  if not (config.model.scale_by_sigma and config.training.loss in losses.DISCRETE_LOSSES):
+    return None
+  sde = config.sde
+  return tuple(float(s) for s in np.geomspace(sde.sigma_max, sde.sigma_min, sde.num_scales))
+
+
+def _make_ncsnpp(config):
+  from models.ncsnpp import NCSNpp
+  m = config.model
+  return NCSNpp(
+      nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+      resamp_with_conv=m.resamp_with_conv, fir=m.fir, fir_kernel=tuple(m.fir_kernel),
+      skip_rescale=m.skip_rescale, resblock_type=m.resblock_type, progressive=m.progressive,
+      progressive_input=m.progressive_input, progressive_combine=m.progressive_combine,
+      embedding_type=m.embedding_type, fourier_scale=m.fourier_scale,
+      scale_by_sigma=m.scale_by_sigma, conditional=m.conditional, init_scale=m.init_scale,
+      nonlinearity=m.nonlinearity, centered=config.data.centered, sigmas=_discrete_sigmas(config))
+
+
+def _make_ddpm(config):
+  from models.ncsnpp import DDPM   # the DDPM U-Net is a preset of the NCSN++ family
+  m = config.model
+  return DDPM(nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+              resamp_with_conv=m.resamp_with_conv, scale_by_sigma=m.scale_by_sigma,
+              conditional=m.conditional, nonlinearity=m.nonlinearity,
+              centered=config.data.centered, sigmas=_discrete_sigmas(config))
+
+
+# name: (builder, convention). Convention 'ours': models/score.network_score (noise
+# prediction from unit-variance inputs); 'reference': the paper's networks, conditioned
+# as the reference conditions them (models/score.reference_network_score).
+MODELS = {'mlp': (_make_mlp, 'ours'), 'unet': (_make_unet, 'ours'),
+          'ncsnpp': (_make_ncsnpp, 'reference'), 'ddpm': (_make_ddpm, 'reference'),
+          'ncsn': (_make_refinenet, 'reference'), 'ncsnv2_64': (_make_refinenet, 'reference'),
+          'ncsnv2_128': (_make_refinenet, 'reference'), 'ncsnv2_256': (_make_refinenet, 'reference')}
+
+
+def make_model(config):
+  """The flax network that ``config.model`` names (no data needed: shapes come at init)."""
+  return MODELS[config.model.name][0](config)
 
 
 class Components(NamedTuple):
@@ -120,7 +175,7 @@ class Components(NamedTuple):
   eval_data: Any
   data_shape: tuple
   data_std: float
-  discrete_ddpm: bool
+  score_fn: Any         # params -> evaluation-mode score_fn(x, t) (params bound as leaves)
   loss_fn: Any          # (params, key, batch) -> scalar
   optimizer: Any
   learning_rate: Any    # step -> learning rate (the optimizer's schedule, for logging)
@@ -142,7 +197,7 @@ def _dataset(config, split, batch_size, training, whole=False):
   Evaluation: one ordered pass over the whole split, on every host.
   """
   common = dict(image_size=config.data.image_size or None, centered=config.data.centered,
-                data_dir=config.data.data_dir or None, seed=config.seed)
+                data_dir=config.data.data_dir or None, seed=config.seed, **_tfrecords(config))
   if training:
     shards = dict(shard_index=0, shard_count=1) if whole else {}
     return datasets.get_dataset(
@@ -155,6 +210,23 @@ def _dataset(config, split, batch_size, training, whole=False):
                               shard_index=0, shard_count=1, **common)
 
 
+def _tfrecords(config):
+  return dict(tfrecords_path=config.data.tfrecords_path) if config.data.tfrecords_path else {}
+
+
+def _check_data_shape(config, data_shape):
+  """Image data must have the size and channels that the config (and so the network) expects."""
+  if len(data_shape) != 3:
+    return
+  h, w, c = data_shape
+  if config.data.image_size and (h, w) != (config.data.image_size,) * 2:
+    raise ValueError(f'Invalid config: data.image_size={config.data.image_size} but '
+                     f'{config.data.dataset} gives {h}x{w} images')
+  if c != config.data.num_channels:
+    raise ValueError(f'Invalid config: data.num_channels={config.data.num_channels} but '
+                     f'{config.data.dataset} has {c} channels')
+
+
 def _batch_x(batch):
   return batch['x'] if 'x' in batch else batch['image']
 
@@ -164,24 +236,35 @@ def build(config, num_devices: int | None = None) -> Components:
   validate_config(config, num_devices)
   sde = _sde_from_config(config)
   train_data = _dataset(config, 'train', config.training.batch_size, True)
-  eval_data = _dataset(config, 'test', config.eval.batch_size, False)
+  eval_data = _dataset(config, config.eval.split, config.eval.batch_size, False)
   data_shape = tuple(train_data.data_shape)
-  model = MODELS[config.model.name](config, data_shape)
+  _check_data_shape(config, data_shape)
+  model = make_model(config)
   # The std of the first global training batch scales the network's inputs. It is read
   # from the unsharded stream so that every host, and any host count, builds the same model.
   first = _batch_x(_dataset(config, 'train', config.training.batch_size, True, whole=True).batch(0))
   data_std = float(np.std(first))
-  discrete_ddpm = config.training.loss == 'ddpm'
+  continuous = config.training.loss not in losses.DISCRETE_LOSSES
   loss_impl = losses.get_loss(config.training.loss)
   kwargs = dict(reduce=config.training.reduce)
-  if config.training.loss in ('dsm', 'ssm', 'esm'):
+  if continuous:
     kwargs.update(eps=config.training.eps, likelihood_weighting=config.training.likelihood_weighting)
+  if MODELS[config.model.name][1] == 'reference':
+    train_score = functools.partial(score_lib.reference_network_score, model, sde,
+                                    continuous=continuous)
+    score_fn = lambda params: score_lib.get_reference_score_fn(model, sde, params,
+                                                               continuous=continuous)
+  else:
+    discrete_ddpm = config.training.loss == 'ddpm'
+    train_score = functools.partial(score_lib.network_score, model, sde, data_std=data_std,
+                                    discrete_ddpm=discrete_ddpm)
+    score_fn = lambda params: score_lib.get_score_fn(model, sde, params, data_std=data_std,
+                                                     discrete_ddpm=discrete_ddpm)
 
   def loss_fn(params, key, batch):
     k_loss, k_drop = jax.random.split(key)
-    score_fn = functools.partial(score_lib.network_score, model, sde, params, data_std=data_std,
-                                 discrete_ddpm=discrete_ddpm, train=True, dropout_key=k_drop)
-    return loss_impl(score_fn, sde, k_loss, _batch_x(batch), **kwargs)
+    score = functools.partial(train_score, params, train=True, dropout_key=k_drop)
+    return loss_impl(score, sde, k_loss, _batch_x(batch), **kwargs)
 
   schedule = optax.warmup_constant_schedule(0.0, config.optim.lr, max(config.optim.warmup, 1))
   chain = []
@@ -200,7 +283,7 @@ def build(config, num_devices: int | None = None) -> Components:
   else:
     sampler = sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
                                        eps=s.eps, denoise=s.noise_removal)
-  return Components(sde, model, train_data, eval_data, data_shape, data_std, discrete_ddpm,
+  return Components(sde, model, train_data, eval_data, data_shape, data_std, score_fn,
                     loss_fn, optimizer, schedule, sampler, 2.0 if config.data.centered else 1.0)
 
 
@@ -231,8 +314,16 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(devices, ('data',))
 
 
-def make_train_step(comp: Components, ema_rate: float, seed: int):
-  """One step: loss, gradients, optimizer update and EMA. Keys are folded with the step."""
+def make_train_step(comp: Components, ema_rate: float, seed: int, unroll: bool | None = None):
+  """Steps of loss, gradients, optimizer update and EMA over ``[steps, batch, ...]`` batches.
+
+  Keys are folded with the step. ``unroll`` writes the steps out instead of looping
+  (default: on CPU only). XLA:CPU runs a convolution's gradient inside a loop body about
+  30 times slower than in straight-line code (benchmarks/train_benchmark.py measures it),
+  while accelerators prefer the loop, which compiles once for any number of steps.
+  """
+  if unroll is None:
+    unroll = jax.default_backend() == 'cpu'
   base_key = jax.random.PRNGKey(seed + 1)
 
   def step(state: TrainState, batch):
@@ -244,15 +335,15 @@ def make_train_step(comp: Components, ema_rate: float, seed: int):
     return TrainState(state.step + 1, params, ema, opt_state), loss
 
   def multi_step(state, batches):
-    return jax.lax.scan(step, state, batches)
+    return jax.lax.scan(step, state, batches, unroll=bool(unroll))
 
   return multi_step
 
 
-def compile_train_step(comp, config, mesh):
+def compile_train_step(comp, config, mesh, unroll: bool | None = None):
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(None, 'data'))   # [steps_per_call, batch, ...]
-  fn = make_train_step(comp, config.model.ema_rate, config.seed)
+  fn = make_train_step(comp, config.model.ema_rate, config.seed, unroll)
   return jax.jit(fn, in_shardings=(replicated, batch_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
 
@@ -438,9 +529,7 @@ def params_fingerprint(params) -> float:
 
 def _snapshot_samples(config, comp, params, workdir, step):
   """One batch of samples as a picture, on this process alone (``params`` host-local)."""
-  score_fn = score_lib.get_score_fn(comp.model, comp.sde, params, data_std=comp.data_std,
-                                    discrete_ddpm=comp.discrete_ddpm)
-  x, _ = comp.sampler(jax.random.PRNGKey(config.seed + 2), score_fn)
+  x, _ = comp.sampler(jax.random.PRNGKey(config.seed + 2), comp.score_fn(params))
   path = os.path.join(workdir, 'samples', f'step_{step}.png')
   plotting.save_samples(path, np.asarray(x), config.data.dataset, centered=config.data.centered)
 
@@ -510,8 +599,7 @@ def draw_samples(config, comp, params, key, num_samples):
   Round r uses the key fold_in(key, r), so the samples do not depend on how many
   processes share the rounds. Returns (x, nfe), nfe per sample of the last round.
   """
-  score_fn = score_lib.get_score_fn(comp.model, comp.sde, host_local(params),
-                                    data_std=comp.data_std, discrete_ddpm=comp.discrete_ddpm)
+  score_fn = comp.score_fn(host_local(params))
   nfes = {}
 
   def one_round(r):
@@ -622,8 +710,7 @@ def _evaluate_checkpoint(config, comp, state, step, workdir):
     lik = likelihood.get_likelihood_fn(comp.sde, hutchinson_type=ec.hutchinson_type, rtol=ec.rtol,
                                        atol=ec.atol, eps=config.training.eps, num_bits=num_bits,
                                        scaler_slope=comp.scaler_slope)
-    score_fn = score_lib.get_score_fn(comp.model, comp.sde, params, data_std=comp.data_std,
-                                      discrete_ddpm=comp.discrete_ddpm)
+    score_fn = comp.score_fn(params)
     def one_batch(j):
       r, i = divmod(j, num_batches)     # pass r over the test split, batch i
       k = jax.random.fold_in(jax.random.fold_in(key, 1000 + r), i)

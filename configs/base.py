@@ -95,6 +95,7 @@ def get_base_config():
   sampling.batch_size = 2000
 
   config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.split = 'test'             # the split of the eval loss and bits/dim
   evaluate.begin_ckpt = 0             # evaluate snapshots with begin <= step <= end (0: all)
   evaluate.end_ckpt = 0
   evaluate.batch_size = 1000

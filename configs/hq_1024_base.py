@@ -13,6 +13,7 @@ def get_config(dataset='ffhq'):
   config.training.n_iters = 2_400_000
   config.training.preemption_freq = 5000
   config.sampling.snr = 0.15
+  config.eval.split = 'train'         # the TFRecords hold one split
   config.sampling.batch_size = 8
   config.eval.batch_size = 8
   architectures.ncsnpp_1024(config)

@@ -82,7 +82,7 @@ def get_score_fn(model, sde, params, *, data_std: float, discrete_ddpm: bool = F
 def _ve_convention(sde, t, continuous):
   if continuous:
     return sde.marginal_coeffs(t)[1], None
-  return jnp.round((sde.T - t) * (sde.N - 1)), None
+  return jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32), None
 
 
 def _vp_convention(sde, t, continuous):

@@ -6,6 +6,7 @@ from configs import lsun_base
 def get_config():
   config = lsun_base.get_config()
   config.sde.name = 'vesde'
+  config.eval.split = 'train'         # the TFRecords hold one split
   config.data.dataset = 'celebahq'
   architectures.ncsnpp_256(config)
   config.model.scale_by_sigma = True

@@ -7,6 +7,7 @@ from configs import lsun_base
 def get_config():
   config = lsun_base.get_config()
   config.sde.name = 'vpsde'
+  config.eval.split = 'train'         # the TFRecords hold one split
   config.data.dataset = 'celebahq'
   cifar10_base.vp_training(config)
   architectures.ddpm(config, ch_mult=(1, 1, 2, 2, 4, 4))
