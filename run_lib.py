@@ -335,7 +335,14 @@ def make_train_step(comp: Components, ema_rate: float, seed: int, unroll: bool |
     return TrainState(state.step + 1, params, ema, opt_state), loss
 
   def multi_step(state, batches):
-    return jax.lax.scan(step, state, batches, unroll=bool(unroll))
+    if not unroll:
+      return jax.lax.scan(step, state, batches)
+    # Written out step by step: scan(unroll=True) over one step is still a loop of one trip.
+    losses = []
+    for i in range(jax.tree.leaves(batches)[0].shape[0]):
+      state, loss = step(state, jax.tree.map(lambda a, i=i: a[i], batches))
+      losses.append(loss)
+    return state, jnp.stack(losses)
 
   return multi_step
 
