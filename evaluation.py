@@ -1,0 +1,660 @@
+"""Sample-quality metrics: FID, KID and Inception Score, with the networks that embed images.
+
+Metrics work on feature or logit arrays and follow the usual conventions:
+
+* FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), with unbiased
+  (ddof = 1) covariances as in tf-gan and pytorch-fid. Statistics accumulate in float64.
+* KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
+  k(x, y) = (x.y / d + 1)^3, averaged over random subsets; mean and std over the subsets.
+* IS (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) on each of ``splits`` equal parts;
+  mean and std over the parts.
+
+Embedding networks:
+
+* `InceptionV3`: the FID Inception network (the 2015 TensorFlow graph used by tf-gan,
+  ported as pytorch-fid's FIDInception* blocks and clean-fid's legacy mode): pool_3 features
+  [B, 2048] and logits [B, 1008]. Its weights are never random in a reported number: they are
+  converted from pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` by
+  ``scripts/convert_inception_weights.py`` and loaded with `load_inception_variables`.
+* `DigitsEvaluator`: a small CNN trained on the 8x8 digits train split (the committed
+  ``assets/digits_classifier.msgpack``, see ``scripts/train_digits_classifier.py``): 64-d
+  penultimate features and 10 logits, so that digits-FID/KID/IS run offline.
+
+Baselines for digits: `fit_gaussian`/`sample_gaussian` (a full-covariance Gaussian fitted to
+the training pixels, the 'ceiling') and the held-out test digits (`load_digits`, the 'floor').
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable, NamedTuple
+
+import flax.linen as nn
+import flax.serialization
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.special
+
+INCEPTION_WEIGHTS_ENV = 'SCORE_SDE_INCEPTION_WEIGHTS'
+# pytorch-fid's weights (a port of TF's 2015-12-05 Inception graph), as torch.hub names them:
+# the file name carries the first 8 hex digits of the file's sha256.
+PYTORCH_FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/'
+                           'fid_weights/pt_inception-2015-12-05-6726825d.pth')
+PYTORCH_FID_WEIGHTS_SHA256_PREFIX = '6726825d'
+# sha256 of the converted flax file. Unknown until someone converts the real weights (they
+# cannot be downloaded where this was written); record it here once, then every load checks it.
+INCEPTION_WEIGHTS_SHA256: str | None = None
+
+DIGITS_CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets',
+                                      'digits_classifier.msgpack')
+
+_MISSING_WEIGHTS = f"""\
+Inception weights not found{{where}}. FID/KID/IS need the real FID Inception weights (never
+random ones). Get them once, on a machine with network access and torch installed:
+  wget {PYTORCH_FID_WEIGHTS_URL}
+  python scripts/convert_inception_weights.py pt_inception-2015-12-05-6726825d.pth \\
+      inception_fid.msgpack
+then pass the .msgpack file's path (its .sha256 file next to it) as weights_path or set
+${INCEPTION_WEIGHTS_ENV}."""
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class FeatureStatistics:
+  """Streaming mean and covariance of features, accumulated in float64.
+
+  Sums are taken about a shift (the first batch's mean) so that the covariance does not lose
+  digits to cancellation when the mean is large compared with the spread.
+  """
+
+  def __init__(self):
+    self.n = 0
+    self._shift = None
+    self._sum = None
+    self._outer = None
+
+  def update(self, features) -> 'FeatureStatistics':
+    """Adds a batch of features [b, d] (or [b, ...], flattened)."""
+    x = np.asarray(features, np.float64)
+    x = x.reshape(x.shape[0], -1)
+    if x.shape[0] == 0:
+      return self
+    if self._shift is None:
+      self._shift = x.mean(axis=0)
+      self._sum = np.zeros_like(self._shift)
+      self._outer = np.zeros((x.shape[1], x.shape[1]))
+    x = x - self._shift
+    self.n += x.shape[0]
+    self._sum += x.sum(axis=0)
+    self._outer += x.T @ x
+    return self
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [d], sigma [d, d]) in float64; sigma is the unbiased (ddof = 1) covariance."""
+    if self.n < 2:
+      raise ValueError(f'need at least 2 feature vectors, got {self.n}')
+    mean = self._sum / self.n
+    sigma = (self._outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+    return self._shift + mean, (sigma + sigma.T) / 2.
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and unbiased covariance of features, as tf-gan and pytorch-fid compute them.
+
+  Args:
+    features: an array [n, d], or an iterable of batches [b, d] (never held all at once).
+
+  Returns:
+    (mu [d], sigma [d, d]), float64.
+  """
+  stats = FeatureStatistics()
+  if isinstance(features, (np.ndarray, jax.Array)):
+    return stats.update(features).result()
+  for batch in features:
+    stats.update(batch)
+  return stats.result()
+
+
+def _symmetric_sqrt(a: np.ndarray) -> np.ndarray:
+  """The PSD square root of a symmetric PSD matrix, eigenvalues clipped at 0."""
+  w, v = np.linalg.eigh((a + a.T) / 2.)
+  return (v * np.sqrt(np.clip(w, 0., None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """The Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (FID on features).
+
+  d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+  The trace term uses tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)): S1 S2 has the
+  eigenvalues of the symmetric PSD matrix S1^(1/2) S2 S1^(1/2), so two symmetric
+  eigendecompositions (float64, eigenvalues clipped at 0) replace scipy.linalg.sqrtm of the
+  non-symmetric product. This needs no eps * I retry when the product is singular (n < d
+  samples) and never yields complex parts; where sqrtm converges the two agree to ~1e-8
+  relative.
+
+  Args:
+    mu1, mu2: means [d]. sigma1, sigma2: covariances [d, d].
+
+  Returns:
+    The distance (squared, as FID is reported) as a Python float.
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+    raise ValueError(f'shapes differ: {mu1.shape} vs {mu2.shape}, '
+                     f'{sigma1.shape} vs {sigma2.shape}')
+  root1 = _symmetric_sqrt(sigma1)
+  product = root1 @ sigma2 @ root1
+  eig = np.linalg.eigvalsh((product + product.T) / 2.)
+  trace_sqrt = np.sqrt(np.clip(eig, 0., None)).sum()
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2. * trace_sqrt)
+
+
+@jax.jit
+def _polynomial_kernel_sums(x, y):
+  """Row sums and diagonals of k(x, x), k(y, y), k(x, y) with k = (x.y / d + 1)^3."""
+  d = x.shape[-1]
+  dot = lambda a, b: jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  k_xx = (dot(x, x) / d + 1.) ** 3
+  k_yy = (dot(y, y) / d + 1.) ** 3
+  k_xy = (dot(x, y) / d + 1.) ** 3
+  return (k_xx.sum(1), jnp.diagonal(k_xx), k_yy.sum(1), jnp.diagonal(k_yy), k_xy.sum(1))
+
+
+def kernel_inception_distance(features1, features2, num_subsets: int = 100,
+                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+  """KID: the unbiased MMD^2 of a cubic polynomial kernel, averaged over random subsets.
+
+  Binkowski et al. 2018 (and tf-gan, clean-fid): for each subset, m rows of each set drawn
+  without replacement, k(x, y) = (x.y / d + 1)^3 and
+  MMD^2 = sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1))
+          - 2 sum_{i, j} k(x_i, y_j) / m^2.
+  The kernel matrices are computed with jax (float32 matmuls at full precision, row sums of
+  m terms); the sums over rows and the estimator are float64.
+
+  Args:
+    features1, features2: [n1, d], [n2, d].
+    num_subsets: number of random subsets.
+    subset_size: m, capped at min(n1, n2) (with fewer samples, every subset is all of them
+      for the smaller set).
+    seed: seeds the subset draws (numpy Generator).
+
+  Returns:
+    (mean, std) of MMD^2 over the subsets.
+  """
+  f1, f2 = np.asarray(features1, np.float32), np.asarray(features2, np.float32)
+  if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+    raise ValueError(f'need features [n1, d] and [n2, d], got {f1.shape} and {f2.shape}')
+  m = min(subset_size, len(f1), len(f2))
+  if m < 2:
+    raise ValueError(f'need at least 2 samples in each set, got {len(f1)} and {len(f2)}')
+  rng = np.random.default_rng(seed)
+  values = []
+  for _ in range(num_subsets):
+    x = f1[rng.choice(len(f1), m, replace=False)]
+    y = f2[rng.choice(len(f2), m, replace=False)]
+    sums = [np.asarray(s, np.float64) for s in _polynomial_kernel_sums(x, y)]
+    xx_rows, xx_diag, yy_rows, yy_diag, xy_rows = sums
+    mmd2 = ((xx_rows.sum() - xx_diag.sum()) / (m * (m - 1))
+            + (yy_rows.sum() - yy_diag.sum()) / (m * (m - 1))
+            - 2. * xy_rows.sum() / (m * m))
+    values.append(mmd2)
+  values = np.asarray(values)
+  return float(values.mean()), float(values.std())
+
+
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+  """IS = exp(E_x KL(p(y|x) || p(y))) on each of ``splits`` parts: (mean, std) over them.
+
+  Salimans et al. 2016 / tf-gan: p(y|x) = softmax(logits), p(y) the mean of p(y|x) over the
+  part; parts are rows [i n / splits, (i + 1) n / splits). Computed in float64.
+
+  Args:
+    logits: [n, num_classes] unnormalized log-probabilities.
+    splits: number of parts.
+
+  Returns:
+    (mean, std) of the per-part scores.
+  """
+  logits = np.asarray(logits, np.float64)
+  n = len(logits)
+  if splits < 1 or n < splits:
+    raise ValueError(f'need at least splits={splits} >= 1 rows, got {n}')
+  log_p = scipy.special.log_softmax(logits, axis=-1)
+  scores = []
+  for i in range(splits):
+    part = log_p[i * n // splits:(i + 1) * n // splits]
+    log_marginal = scipy.special.logsumexp(part, axis=0) - np.log(len(part))
+    kl = np.sum(np.exp(part) * (part - log_marginal), axis=-1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+# ----------------------------------------------------------------------------- Inception-v3
+
+
+def resize_bilinear(images, size: int = 299, half_pixel_centers: bool = True):
+  """Bilinear resize without antialiasing, [B, H, W, C] -> [B, size, size, C].
+
+  half_pixel_centers=True is torch's F.interpolate(mode='bilinear', align_corners=False),
+  what pytorch-fid does: source coordinate (i + 0.5) in / out - 0.5, clamped at 0.
+  half_pixel_centers=False is TF1's tf.image.resize_bilinear(align_corners=False), what the
+  2015 TF graph (tf-gan, clean-fid legacy_tensorflow) does: source coordinate i in / out.
+  Both take the two nearest source pixels (the upper one clamped to the edge), so neither
+  antialiases when shrinking.
+  """
+  images = jnp.asarray(images, jnp.float32)
+
+  def matrix(n_in):
+    i = np.arange(size, dtype=np.float64)
+    if half_pixel_centers:
+      src = np.maximum((i + 0.5) * n_in / size - 0.5, 0.)
+    else:
+      src = i * n_in / size
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = src - lo
+    out = np.zeros((size, n_in))
+    np.add.at(out, (np.arange(size), lo), 1. - w)
+    np.add.at(out, (np.arange(size), hi), w)
+    return jnp.asarray(out, jnp.float32)
+
+  highest = jax.lax.Precision.HIGHEST
+  images = jnp.einsum('oh,bhwc->bowc', matrix(images.shape[1]), images, precision=highest)
+  return jnp.einsum('pw,bowc->bopc', matrix(images.shape[2]), images, precision=highest)
+
+
+class _BasicConv(nn.Module):
+  """Conv (no bias) + BatchNorm (eps 1e-3, running statistics) + ReLU: torch's BasicConv2d."""
+  features: int
+  kernel: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[int, int] = (0, 0)
+
+  @nn.compact
+  def __call__(self, x):
+    ph, pw = self.padding
+    x = nn.Conv(self.features, self.kernel, strides=self.strides,
+                padding=((ph, ph), (pw, pw)), use_bias=False, name='conv')(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='bn')(x)
+    return nn.relu(x)
+
+
+def _avg_pool_3x3(x):
+  # The FID blocks average without the zero padding (count_include_pad=False).
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
+                     count_include_pad=False)
+
+
+def _max_pool_3x3_s2(x):
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+
+
+class _InceptionA(nn.Module):
+  pool_features: int
+
+  @nn.compact
+  def __call__(self, x):
+    b1 = _BasicConv(64, (1, 1), name='branch1x1')(x)
+    b5 = _BasicConv(48, (1, 1), name='branch5x5_1')(x)
+    b5 = _BasicConv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
+    b3 = _BasicConv(64, (1, 1), name='branch3x3dbl_1')(x)
+    b3 = _BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
+    b3 = _BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
+    bp = _BasicConv(self.pool_features, (1, 1), name='branch_pool')(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class _InceptionB(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    b3 = _BasicConv(384, (3, 3), strides=(2, 2), name='branch3x3')(x)
+    bd = _BasicConv(64, (1, 1), name='branch3x3dbl_1')(x)
+    bd = _BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = _BasicConv(96, (3, 3), strides=(2, 2), name='branch3x3dbl_3')(bd)
+    return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
+
+
+class _InceptionC(nn.Module):
+  channels_7x7: int
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.channels_7x7
+    row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+    b1 = _BasicConv(192, (1, 1), name='branch1x1')(x)
+    b7 = _BasicConv(c, (1, 1), name='branch7x7_1')(x)
+    b7 = _BasicConv(c, **row, name='branch7x7_2')(b7)
+    b7 = _BasicConv(192, **col, name='branch7x7_3')(b7)
+    bd = _BasicConv(c, (1, 1), name='branch7x7dbl_1')(x)
+    bd = _BasicConv(c, **col, name='branch7x7dbl_2')(bd)
+    bd = _BasicConv(c, **row, name='branch7x7dbl_3')(bd)
+    bd = _BasicConv(c, **col, name='branch7x7dbl_4')(bd)
+    bd = _BasicConv(192, **row, name='branch7x7dbl_5')(bd)
+    bp = _BasicConv(192, (1, 1), name='branch_pool')(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class _InceptionD(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    b3 = _BasicConv(192, (1, 1), name='branch3x3_1')(x)
+    b3 = _BasicConv(320, (3, 3), strides=(2, 2), name='branch3x3_2')(b3)
+    b7 = _BasicConv(192, (1, 1), name='branch7x7x3_1')(x)
+    b7 = _BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
+    b7 = _BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
+    b7 = _BasicConv(192, (3, 3), strides=(2, 2), name='branch7x7x3_4')(b7)
+    return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
+
+
+class _InceptionE(nn.Module):
+  """Mixed_7b (avg pool without padding, pytorch-fid's FIDInceptionE_1) and Mixed_7c
+  (max pool: the 2015 TF graph's quirk, FIDInceptionE_2)."""
+  max_pool: bool
+
+  @nn.compact
+  def __call__(self, x):
+    row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+    b1 = _BasicConv(320, (1, 1), name='branch1x1')(x)
+    b3 = _BasicConv(384, (1, 1), name='branch3x3_1')(x)
+    b3 = jnp.concatenate([_BasicConv(384, **row, name='branch3x3_2a')(b3),
+                          _BasicConv(384, **col, name='branch3x3_2b')(b3)], axis=-1)
+    bd = _BasicConv(448, (1, 1), name='branch3x3dbl_1')(x)
+    bd = _BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = jnp.concatenate([_BasicConv(384, **row, name='branch3x3dbl_3a')(bd),
+                          _BasicConv(384, **col, name='branch3x3dbl_3b')(bd)], axis=-1)
+    if self.max_pool:
+      pooled = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+    else:
+      pooled = _avg_pool_3x3(x)
+    bp = _BasicConv(192, (1, 1), name='branch_pool')(pooled)
+    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class InceptionV3(nn.Module):
+  """The FID Inception-v3 (pytorch-fid's fid_inception_v3): images -> (pool_3, logits).
+
+  Submodule names follow torchvision/pytorch-fid (Conv2d_1a_3x3, Mixed_5b, ..., fc), so
+  every converted tensor has an obvious home. No auxiliary head, no dropout (inference).
+
+  Attributes:
+    resize: resize inputs to 299x299 first (`resize_bilinear`); False feeds them as they are
+      (any size >= 75, e.g. for tests).
+    half_pixel_centers: the resize convention: True = pytorch-fid, False = TF1 / tf-gan.
+  """
+  resize: bool = True
+  half_pixel_centers: bool = True
+
+  @nn.compact
+  def __call__(self, images):
+    """images: [B, H, W, 3] floats in the uint8 range [0, 255] (grey: repeat to 3 channels).
+
+    Returns:
+      (pool_3 features [B, 2048], logits [B, 1008]).
+    """
+    x = jnp.asarray(images, jnp.float32)
+    if self.resize:
+      x = resize_bilinear(x, 299, self.half_pixel_centers)
+    x = x / 127.5 - 1.   # [0, 255] -> [-1, 1], as pytorch-fid's 2 x - 1 on [0, 1]
+    x = _BasicConv(32, (3, 3), strides=(2, 2), name='Conv2d_1a_3x3')(x)
+    x = _BasicConv(32, (3, 3), name='Conv2d_2a_3x3')(x)
+    x = _BasicConv(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
+    x = _max_pool_3x3_s2(x)
+    x = _BasicConv(80, (1, 1), name='Conv2d_3b_1x1')(x)
+    x = _BasicConv(192, (3, 3), name='Conv2d_4a_3x3')(x)
+    x = _max_pool_3x3_s2(x)
+    x = _InceptionA(32, name='Mixed_5b')(x)
+    x = _InceptionA(64, name='Mixed_5c')(x)
+    x = _InceptionA(64, name='Mixed_5d')(x)
+    x = _InceptionB(name='Mixed_6a')(x)
+    x = _InceptionC(128, name='Mixed_6b')(x)
+    x = _InceptionC(160, name='Mixed_6c')(x)
+    x = _InceptionC(160, name='Mixed_6d')(x)
+    x = _InceptionC(192, name='Mixed_6e')(x)
+    x = _InceptionD(name='Mixed_7a')(x)
+    x = _InceptionE(max_pool=False, name='Mixed_7b')(x)
+    x = _InceptionE(max_pool=True, name='Mixed_7c')(x)
+    pool3 = jnp.mean(x, axis=(1, 2))
+    return pool3, nn.Dense(1008, name='fc')(pool3)
+
+
+def inception_variables_from_torch(state_dict) -> dict:
+  """pytorch-fid's state dict (name -> numpy array) -> InceptionV3 variables.
+
+  Conv weights OIHW -> HWIO; BatchNorm weight/bias/running_mean/running_var -> params
+  scale/bias and batch_stats mean/var; fc weight [1008, 2048] -> kernel [2048, 1008].
+  num_batches_tracked and the unused AuxLogits are dropped; anything else unknown raises.
+  """
+  params, stats = {}, {}
+
+  def put(tree, path, value):
+    for key in path[:-1]:
+      tree = tree.setdefault(key, {})
+    if path[-1] in tree:
+      raise ValueError(f'duplicate tensor for {"/".join(path)}')
+    tree[path[-1]] = np.asarray(value, np.float32)
+
+  for name, value in state_dict.items():
+    value = np.asarray(value)
+    parts = name.split('.')
+    if parts[0] == 'AuxLogits' or parts[-1] == 'num_batches_tracked':
+      continue
+    if parts[0] == 'fc':
+      put(params, ['fc', {'weight': 'kernel', 'bias': 'bias'}[parts[1]]],
+          value.T if parts[1] == 'weight' else value)
+    elif parts[-2] == 'conv' and parts[-1] == 'weight':
+      put(params, parts[:-1] + ['kernel'], value.transpose(2, 3, 1, 0))
+    elif parts[-2] == 'bn' and parts[-1] in ('weight', 'bias'):
+      put(params, parts[:-1] + [{'weight': 'scale', 'bias': 'bias'}[parts[-1]]], value)
+    elif parts[-2] == 'bn' and parts[-1] in ('running_mean', 'running_var'):
+      put(stats, parts[:-1] + [parts[-1][len('running_'):]], value)
+    else:
+      raise ValueError(f'unexpected tensor {name!r} {value.shape} in the state dict')
+  return {'params': params, 'batch_stats': stats}
+
+
+def inception_state_dict(variables) -> dict:
+  """The inverse of `inception_variables_from_torch` (without num_batches_tracked)."""
+  out = {}
+  flat = flax.traverse_util.flatten_dict(
+      flax.serialization.to_state_dict(variables), sep='.')
+  for name, value in flat.items():
+    kind, rest = name.split('.', 1)
+    prefix, leaf = rest.rsplit('.', 1)
+    value = np.asarray(value)
+    if prefix == 'fc':
+      out[f'fc.{leaf if leaf == "bias" else "weight"}'] = value.T if leaf == 'kernel' else value
+    elif leaf == 'kernel':
+      out[f'{prefix}.weight'] = value.transpose(3, 2, 0, 1)
+    elif kind == 'params':
+      out[f'{prefix}.{"weight" if leaf == "scale" else "bias"}'] = value
+    else:
+      out[f'{prefix}.running_{leaf}'] = value
+  return out
+
+
+def file_sha256(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def load_inception_variables(weights_path: str | None = None) -> dict:
+  """Loads converted FID Inception weights, checked against their sha256.
+
+  Args:
+    weights_path: the .msgpack written by scripts/convert_inception_weights.py; default
+      $SCORE_SDE_INCEPTION_WEIGHTS.
+
+  Returns:
+    InceptionV3 variables {'params', 'batch_stats'}.
+
+  Raises:
+    FileNotFoundError: no path given, or the file or its .sha256 is missing (the message says
+      where to get and how to convert the weights).
+    ValueError: a checksum does not match.
+  """
+  path = weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
+  if not path:
+    raise FileNotFoundError(_MISSING_WEIGHTS.format(
+        where=f' (no weights_path and ${INCEPTION_WEIGHTS_ENV} is not set)'))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(_MISSING_WEIGHTS.format(where=f' at {path!r}'))
+  if not os.path.isfile(path + '.sha256'):
+    raise FileNotFoundError(
+        f'{path}.sha256 is missing: convert_inception_weights.py writes it next to the weights')
+  with open(path + '.sha256') as f:
+    recorded = f.read().split()[0]
+  actual = file_sha256(path)
+  if actual != recorded:
+    raise ValueError(f'{path}: sha256 {actual} does not match {path}.sha256 ({recorded})')
+  if INCEPTION_WEIGHTS_SHA256 is not None and actual != INCEPTION_WEIGHTS_SHA256:
+    raise ValueError(f'{path}: sha256 {actual} is not the converted pytorch-fid weights '
+                     f'({INCEPTION_WEIGHTS_SHA256})')
+  with open(path, 'rb') as f:
+    return flax.serialization.msgpack_restore(f.read())
+
+
+class InceptionEvaluator:
+  """FID Inception features and logits for batches of images, weights loaded once.
+
+  Args:
+    weights_path: see `load_inception_variables`.
+    half_pixel_centers: the resize convention (True: pytorch-fid; False: TF1 / tf-gan).
+  """
+
+  def __init__(self, weights_path: str | None = None, half_pixel_centers: bool = True):
+    self.variables = load_inception_variables(weights_path)
+    model = InceptionV3(resize=True, half_pixel_centers=half_pixel_centers)
+    self._apply = jax.jit(model.apply)
+
+  def __call__(self, images):
+    """images [B, H, W, C] in [0, 1] (C = 1 or 3) -> (pool_3 [B, 2048], logits [B, 1008])."""
+    x = jnp.asarray(images, jnp.float32)
+    if x.shape[-1] == 1:
+      x = jnp.repeat(x, 3, axis=-1)
+    # Quantize to uint8 as real image files would be (reference: uint8 inputs).
+    x = jnp.round(jnp.clip(x, 0., 1.) * 255.)
+    return self._apply(self.variables, x)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+class DigitsClassifier(nn.Module):
+  """A small CNN on 8x8x1 digits in [0, 1]: (penultimate features [B, 64], logits [B, 10])."""
+  num_features: int = 64
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.asarray(x, jnp.float32) * 2. - 1.
+    x = nn.relu(nn.Conv(16, (3, 3))(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))                 # [B, 4, 4, 16]
+    x = nn.relu(nn.Conv(32, (3, 3))(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))                 # [B, 2, 2, 32]
+    x = x.reshape(x.shape[0], -1)
+    features = nn.relu(nn.Dense(self.num_features)(x))
+    return features, nn.Dense(self.num_classes)(features)
+
+
+def load_digits(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """All digits of a split, in stored order: (images float32 [n, 8, 8, 1] in [0, 1], labels)."""
+  import datasets   # only the digits helpers need the data pipeline
+  data = datasets.get_dataset('digits', split=split, batch_size=4096, shuffle=False,
+                              drop_remainder=False, num_epochs=1, data_dir=data_dir,
+                              shard_index=0, shard_count=1)
+  batches = list(data)
+  return (np.concatenate([b['image'] for b in batches]),
+          np.concatenate([b['label'] for b in batches]))
+
+
+class DigitsEvaluator:
+  """The committed digits classifier: features and logits for digits-FID/KID/IS.
+
+  Args:
+    path: the classifier's msgpack (default assets/digits_classifier.msgpack).
+  """
+
+  def __init__(self, path: str = DIGITS_CLASSIFIER_PATH):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f'{path} not found: run `python scripts/train_digits_classifier.py` to create it')
+    with open(path, 'rb') as f:
+      self.params = flax.serialization.msgpack_restore(f.read())
+    self._apply = jax.jit(DigitsClassifier().apply)
+
+  def __call__(self, images, batch_size: int = 1000):
+    """images [n, 8, 8, 1] in [0, 1] -> (features [n, 64], logits [n, 10]), numpy float32."""
+    images = np.asarray(images, np.float32)
+    out = [self._apply({'params': self.params}, images[i:i + batch_size])
+           for i in range(0, len(images), batch_size)]
+    return (np.concatenate([np.asarray(f) for f, _ in out]),
+            np.concatenate([np.asarray(l) for _, l in out]))
+
+
+class DigitsReference(NamedTuple):
+  """Classifier statistics of the real digits: mu [64], sigma [64, 64], features [n, 64]."""
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: np.ndarray
+
+
+def digits_reference(evaluator: DigitsEvaluator, split: str = 'train',
+                     data_dir: str | None = None) -> DigitsReference:
+  """The reference statistics of a digits split (the train split for FID, as is usual)."""
+  features, _ = evaluator(load_digits(split, data_dir)[0])
+  return DigitsReference(*feature_statistics(features), features)
+
+
+def digits_metrics(samples, evaluator: DigitsEvaluator, reference: DigitsReference, *,
+                   kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
+                   seed: int = 0) -> dict[str, float]:
+  """digits-FID, digits-KID and the digits Inception-Score analogue of samples.
+
+  Args:
+    samples: [n, 8, 8, 1] in [0, 1] (clipped to it first); n >= is_splits.
+    evaluator: a `DigitsEvaluator`.
+    reference: `digits_reference(evaluator)`.
+    kid_subsets, kid_subset_size, seed: see `kernel_inception_distance`.
+    is_splits: see `inception_score` (10 classes: the IS analogue lies in [1, 10]).
+
+  Returns:
+    {'fid', 'kid_mean', 'kid_std', 'is_mean', 'is_std'}.
+  """
+  samples = np.clip(np.asarray(samples, np.float32), 0., 1.)
+  features, logits = evaluator(samples)
+  kid_mean, kid_std = kernel_inception_distance(features, reference.features, kid_subsets,
+                                                kid_subset_size, seed)
+  is_mean, is_std = inception_score(logits, is_splits)
+  return {'fid': frechet_distance(*feature_statistics(features), reference.mu, reference.sigma),
+          'kid_mean': kid_mean, 'kid_std': kid_std, 'is_mean': is_mean, 'is_std': is_std}
+
+
+def fit_gaussian(images) -> tuple[np.ndarray, np.ndarray]:
+  """The full-covariance Gaussian fit of images [n, ...]: (mean [D], covariance [D, D])."""
+  return feature_statistics(np.asarray(images).reshape(len(images), -1))
+
+
+def sample_gaussian(key, mean, cov, num_samples: int, shape=(8, 8, 1), clip: bool = True):
+  """num_samples draws of N(mean, cov) as images [num_samples, *shape].
+
+  The covariance may be singular (digits have always-black pixels): the draw uses its PSD
+  square root. clip=True clips to the data range [0, 1], as samples are clipped before
+  evaluation.
+  """
+  root = jnp.asarray(_symmetric_sqrt(np.asarray(cov, np.float64)), jnp.float32)
+  z = jax.random.normal(key, (num_samples, root.shape[0]), jnp.float32)
+  x = jnp.asarray(mean, jnp.float32)[None, :] + jnp.matmul(
+      z, root.T, precision=jax.lax.Precision.HIGHEST)
+  x = x.reshape((num_samples, *shape))
+  return jnp.clip(x, 0., 1.) if clip else x
