@@ -328,7 +328,7 @@ class _RefineNet(nn.Module):
     Args:
       x: [B, H, W, C] float32 images, in [0, 1] (centered=False) or [-1, 1] (centered=True);
         H and W divisible by 2 ** (number of stages with dilation 1, minus 1).
-      labels: [B] integer noise-level indices in [0, num_scales) (label 0 = sigma_max).
+      labels: [B] noise-level indices in [0, num_scales) (label 0 = sigma_max), ints or whole floats.
       train: unused (there is no dropout); kept for the common model signature.
 
     Returns:
@@ -348,6 +348,8 @@ class _RefineNet(nn.Module):
     act = ACTIVATIONS[self.nonlinearity]
     norm = get_normalization(self.normalization, conditional=self.conditional)
     num_classes = self.num_scales if self.conditional else None
+    # Indices may arrive as exact floats (round()): they are cast, not interpolated.
+    labels = jnp.round(jnp.asarray(labels)).astype(jnp.int32)
     y = labels if self.conditional else None
     widths = [m * self.nf for m in self.ch_mult]
 

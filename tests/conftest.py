@@ -13,12 +13,18 @@ SDE_NAMES = ('vesde', 'vpsde', 'subvpsde')
 
 @pytest.fixture
 def x64():
-  """Runs a test in float64, restoring float32 afterwards."""
+  """Runs a test in float64, restoring float32 afterwards.
+
+  Compiled functions are dropped on both sides of the switch, so that nothing traced in
+  one precision is reused in the other (x64 is meant to be set once, at start-up).
+  """
+  jax.clear_caches()
   jax.config.update('jax_enable_x64', True)
   try:
     yield
   finally:
     jax.config.update('jax_enable_x64', False)
+    jax.clear_caches()
 
 
 @pytest.fixture(scope='session')
