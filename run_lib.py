@@ -234,16 +234,27 @@ def _batch_x(batch):
 def build(config, num_devices: int | None = None) -> Components:
   """Builds everything a run needs from the config: the only place that reads it."""
   validate_config(config, num_devices)
-  sde = _sde_from_config(config)
   train_data = _dataset(config, 'train', config.training.batch_size, True)
   eval_data = _dataset(config, config.eval.split, config.eval.batch_size, False)
   data_shape = tuple(train_data.data_shape)
   _check_data_shape(config, data_shape)
-  model = make_model(config)
   # The std of the first global training batch scales the network's inputs. It is read
   # from the unsharded stream so that every host, and any host count, builds the same model.
   first = _batch_x(_dataset(config, 'train', config.training.batch_size, True, whole=True).batch(0))
   data_std = float(np.std(first))
+  return build_components(config, data_shape, data_std, train_data, eval_data)
+
+
+def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
+                     eval_data=None) -> Components:
+  """The model, loss, optimizer and sampler for data of ``data_shape``; reads no data.
+
+  ``build`` reads the datasets and calls this; benchmarks and checkpoint import call it
+  alone (their Components have no datasets).
+  """
+  sde = _sde_from_config(config)
+  data_shape = tuple(data_shape)
+  model = make_model(config)
   continuous = config.training.loss not in losses.DISCRETE_LOSSES
   loss_impl = losses.get_loss(config.training.loss)
   kwargs = dict(reduce=config.training.reduce)
@@ -283,8 +294,8 @@ def build(config, num_devices: int | None = None) -> Components:
   else:
     sampler = sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
                                        eps=s.eps, denoise=s.noise_removal)
-  return Components(sde, model, train_data, eval_data, data_shape, data_std, score_fn,
-                    loss_fn, optimizer, schedule, sampler, 2.0 if config.data.centered else 1.0)
+  return Components(sde, model, train_data, eval_data, data_shape, data_std, score_fn, loss_fn,
+                    optimizer, schedule, sampler, 2.0 if config.data.centered else 1.0)
 
 
 # -----------------------------------------------------------------------------

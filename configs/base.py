@@ -56,6 +56,8 @@ def get_base_config():
   model.fourier_scale = 16.0
   model.init_scale = 0.0
   model.interpolation = 'bilinear'    # ncsn, ncsnv2: upsampling in the refine blocks
+  model.dtype = 'float32'             # compute dtype of ncsnpp/ddpm: float32 | bfloat16 (mixed
+                                      # precision: parameters, optimizer and loss stay float32)
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 256
