@@ -25,6 +25,7 @@ the training pixels, the 'ceiling') and the held-out test digits (`load_digits`,
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Iterable, NamedTuple
@@ -46,6 +47,12 @@ PYTORCH_FID_WEIGHTS_SHA256_PREFIX = '6726825d'
 # sha256 of the converted flax file. Unknown until someone converts the real weights (they
 # cannot be downloaded where this was written); record it here once, then every load checks it.
 INCEPTION_WEIGHTS_SHA256: str | None = None
+
+# The FID network's input size and the images per call. Tests of the plumbing lower them (the
+# size to 75, the smallest the network takes) to run fast on a CPU; every reported number
+# uses 299.
+INCEPTION_IMAGE_SIZE = 299
+INCEPTION_BATCH_SIZE = 250
 
 DIGITS_CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets',
                                       'digits_classifier.msgpack')
@@ -524,27 +531,70 @@ def load_inception_variables(weights_path: str | None = None) -> dict:
     return flax.serialization.msgpack_restore(f.read())
 
 
+def quantize_images(images) -> np.ndarray:
+  """Images to uint8, as saved image files would be: uint8 as is, floats in [0, 1] as
+  round(255 clip(x, 0, 1)); NaN (a diverged sample) becomes 0, +-inf 255 and 0.
+
+  Every feature extractor sees uint8 images, real and generated alike (the FID protocol of
+  tf-gan and clean-fid); real data stored as k / 255 comes back to k exactly.
+  """
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  x = np.nan_to_num(images.astype(np.float32), nan=0., posinf=1., neginf=0.)
+  return np.round(np.clip(x, 0., 1.) * 255.).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _inception_apply(image_size: int, half_pixel_centers: bool):
+  """The jitted network (resize included), shared by every evaluator with these settings."""
+  model = InceptionV3(resize=False, half_pixel_centers=half_pixel_centers)
+
+  def apply(variables, x):
+    return model.apply(variables, resize_bilinear(x, image_size, half_pixel_centers))
+
+  return jax.jit(apply)
+
+
 class InceptionEvaluator:
   """FID Inception features and logits for batches of images, weights loaded once.
 
   Args:
     weights_path: see `load_inception_variables`.
     half_pixel_centers: the resize convention (True: pytorch-fid; False: TF1 / tf-gan).
+    image_size: the network's input size; default INCEPTION_IMAGE_SIZE, 299, for every
+      reported number (smaller sizes, >= 75, only make tests fast).
   """
+  name = 'inception'
+  feature_dim, num_classes = 2048, 1008
 
-  def __init__(self, weights_path: str | None = None, half_pixel_centers: bool = True):
+  def __init__(self, weights_path: str | None = None, half_pixel_centers: bool = True,
+               image_size: int | None = None):
     self.variables = load_inception_variables(weights_path)
-    model = InceptionV3(resize=True, half_pixel_centers=half_pixel_centers)
-    self._apply = jax.jit(model.apply)
+    image_size = image_size or INCEPTION_IMAGE_SIZE
+    self.image_size = image_size
+    self._apply = _inception_apply(image_size, half_pixel_centers)
 
-  def __call__(self, images):
-    """images [B, H, W, C] in [0, 1] (C = 1 or 3) -> (pool_3 [B, 2048], logits [B, 1008])."""
-    x = jnp.asarray(images, jnp.float32)
+  def __call__(self, images, batch_size: int | None = None):
+    """images [n, H, W, C] uint8 or floats in [0, 1] (C = 1 or 3), quantized to uint8
+    first -> (pool_3 [n, 2048], logits [n, 1008]), numpy float32.
+
+    The network runs on chunks of batch_size (default INCEPTION_BATCH_SIZE), the last one
+    padded, so that one compiled shape serves every call.
+    """
+    batch_size = batch_size or INCEPTION_BATCH_SIZE
+    x = quantize_images(images)
     if x.shape[-1] == 1:
-      x = jnp.repeat(x, 3, axis=-1)
-    # Quantize to uint8 as real image files would be (reference: uint8 inputs).
-    x = jnp.round(jnp.clip(x, 0., 1.) * 255.)
-    return self._apply(self.variables, x)
+      x = np.repeat(x, 3, axis=-1)
+    features, logits = [], []
+    for i in range(0, len(x), batch_size):
+      chunk = x[i:i + batch_size]
+      padded = np.zeros((batch_size,) + chunk.shape[1:], np.float32)
+      padded[:len(chunk)] = chunk
+      f, l = self._apply(self.variables, padded)
+      features.append(np.asarray(f)[:len(chunk)])
+      logits.append(np.asarray(l)[:len(chunk)])
+    return np.concatenate(features), np.concatenate(logits)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -584,6 +634,8 @@ class DigitsEvaluator:
   Args:
     path: the classifier's msgpack (default assets/digits_classifier.msgpack).
   """
+  name = 'digits'
+  feature_dim, num_classes = 64, 10
 
   def __init__(self, path: str = DIGITS_CLASSIFIER_PATH):
     if not os.path.isfile(path):
@@ -594,35 +646,146 @@ class DigitsEvaluator:
     self._apply = jax.jit(DigitsClassifier().apply)
 
   def __call__(self, images, batch_size: int = 1000):
-    """images [n, 8, 8, 1] in [0, 1] -> (features [n, 64], logits [n, 10]), numpy float32."""
-    images = np.asarray(images, np.float32)
+    """images [n, 8, 8, 1], uint8 or floats in [0, 1] (quantized to uint8 first, as real
+    digits are stored) -> (features [n, 64], logits [n, 10]), numpy float32."""
+    images = quantize_images(images).astype(np.float32) / 255.
+    if images.shape[1:] != (8, 8, 1):
+      raise ValueError(f'the digits classifier takes [n, 8, 8, 1] images, got {images.shape}')
     out = [self._apply({'params': self.params}, images[i:i + batch_size])
            for i in range(0, len(images), batch_size)]
     return (np.concatenate([np.asarray(f) for f, _ in out]),
             np.concatenate([np.asarray(l) for _, l in out]))
 
 
-class DigitsReference(NamedTuple):
-  """Classifier statistics of the real digits: mu [64], sigma [64, 64], features [n, 64]."""
+class FeatureReference(NamedTuple):
+  """Statistics of real data in an evaluator's feature space, what FID and KID compare to.
+
+  mu [d] and sigma [d, d] (float64, unbiased) over all num_examples images; features [m, d]:
+  the rows KID draws its subsets from (all of them, or a seeded random subset of m).
+  """
   mu: np.ndarray
   sigma: np.ndarray
   features: np.ndarray
+  num_examples: int
+
+
+DigitsReference = FeatureReference
+
+
+def compute_reference(evaluator, image_batches: Iterable, max_kid_features: int = 10_000,
+                      num_examples: int | None = None,
+                      seed: int = 0) -> tuple[FeatureReference, np.ndarray]:
+  """Streams batches of real images through an evaluator: (reference, logits [n, classes]).
+
+  Args:
+    evaluator: `DigitsEvaluator` or `InceptionEvaluator` (images are quantized to uint8).
+    image_batches: batches [b, H, W, C], uint8 or floats in [0, 1]; every image is used
+      (a short last batch included).
+    max_kid_features: at most this many feature rows are kept for KID: all of them when the
+      data has no more, else the rows of a seeded random subset of the indices (num_examples
+      must then be given).
+    num_examples: the number of images the batches hold (needed to draw the KID subset).
+    seed: seeds the KID subset.
+  """
+  stats = FeatureStatistics()
+  keep = None
+  if num_examples is not None and num_examples > max_kid_features:
+    keep = np.sort(np.random.default_rng(seed).choice(num_examples, max_kid_features,
+                                                      replace=False))
+  kept, logits, offset = [], [], 0
+  for images in image_batches:
+    f, l = evaluator(images)
+    stats.update(f)
+    logits.append(l)
+    if keep is None:
+      kept.append(f)
+    else:
+      rows = keep[(keep >= offset) & (keep < offset + len(f))] - offset
+      kept.append(f[rows])
+    offset += len(f)
+  if num_examples is not None and offset != num_examples:
+    raise ValueError(f'the batches held {offset} images, not num_examples={num_examples}')
+  features = np.concatenate(kept).astype(np.float32)
+  if keep is None and len(features) > max_kid_features:
+    features = features[:max_kid_features]
+  mu, sigma = stats.result()
+  return FeatureReference(mu, sigma, features, stats.n), np.concatenate(logits)
+
+
+def save_reference(path: str, reference: FeatureReference, **metadata):
+  """Writes a reference as .npz (mu, sigma, kid_features, num_examples, metadata strings or
+  numbers), atomically: the file exists whole or not at all."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    np.savez(f, mu=reference.mu, sigma=reference.sigma, kid_features=reference.features,
+             num_examples=reference.num_examples,
+             **{f'meta_{k}': np.asarray(v) for k, v in metadata.items()})
+  os.replace(tmp, path)
+
+
+def load_reference(path: str) -> tuple[FeatureReference, dict]:
+  """(reference, metadata) from a file written by `save_reference`."""
+  with np.load(path) as data:
+    reference = FeatureReference(data['mu'], data['sigma'], data['kid_features'],
+                                 int(data['num_examples']))
+    metadata = {k[len('meta_'):]: data[k].item() for k in data.files if k.startswith('meta_')}
+  return reference, metadata
 
 
 def digits_reference(evaluator: DigitsEvaluator, split: str = 'train',
-                     data_dir: str | None = None) -> DigitsReference:
+                     data_dir: str | None = None) -> FeatureReference:
   """The reference statistics of a digits split (the train split for FID, as is usual)."""
-  features, _ = evaluator(load_digits(split, data_dir)[0])
-  return DigitsReference(*feature_statistics(features), features)
+  images = load_digits(split, data_dir)[0]
+  return compute_reference(evaluator, [images], max_kid_features=len(images))[0]
 
 
-def digits_metrics(samples, evaluator: DigitsEvaluator, reference: DigitsReference, *,
+SAMPLE_METRICS = ('fid', 'kid', 'inception_score')
+
+
+def sample_metrics(features, logits, reference: FeatureReference, *,
+                   metrics: Iterable[str] = SAMPLE_METRICS, kid_subsets: int = 100,
+                   kid_subset_size: int = 1000, is_splits: int = 10,
+                   seed: int = 0) -> dict[str, float]:
+  """FID, KID and IS of generated images from their features [n, d] and logits [n, c].
+
+  Args:
+    features, logits: the evaluator's outputs on the (uint8-quantized) images.
+    reference: the real data's `FeatureReference` (same evaluator).
+    metrics: which of SAMPLE_METRICS to compute.
+    kid_subsets, kid_subset_size, seed: see `kernel_inception_distance`.
+    is_splits: see `inception_score`.
+
+  Returns:
+    Some of {'fid', 'kid', 'kid_std', 'inception_score', 'inception_score_std'} and
+    'num_samples'.
+  """
+  features = np.asarray(features)
+  if features.shape[1:] != reference.mu.shape:
+    raise ValueError(f'features {features.shape} do not fit the reference statistics '
+                     f'{reference.mu.shape} (another evaluator?)')
+  metrics = tuple(metrics)
+  unknown = sorted(set(metrics) - set(SAMPLE_METRICS))
+  if unknown:
+    raise ValueError(f'unknown sample metrics {unknown}; valid: {list(SAMPLE_METRICS)}')
+  out = {'num_samples': int(len(features))}
+  if 'fid' in metrics:
+    out['fid'] = frechet_distance(*feature_statistics(features), reference.mu, reference.sigma)
+  if 'kid' in metrics:
+    out['kid'], out['kid_std'] = kernel_inception_distance(
+        features, reference.features, kid_subsets, kid_subset_size, seed)
+  if 'inception_score' in metrics:
+    out['inception_score'], out['inception_score_std'] = inception_score(logits, is_splits)
+  return out
+
+
+def digits_metrics(samples, evaluator: DigitsEvaluator, reference: FeatureReference, *,
                    kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
                    seed: int = 0) -> dict[str, float]:
   """digits-FID, digits-KID and the digits Inception-Score analogue of samples.
 
   Args:
-    samples: [n, 8, 8, 1] in [0, 1] (clipped to it first); n >= is_splits.
+    samples: [n, 8, 8, 1] in [0, 1] (quantized to uint8 first); n >= is_splits.
     evaluator: a `DigitsEvaluator`.
     reference: `digits_reference(evaluator)`.
     kid_subsets, kid_subset_size, seed: see `kernel_inception_distance`.
@@ -631,13 +794,11 @@ def digits_metrics(samples, evaluator: DigitsEvaluator, reference: DigitsReferen
   Returns:
     {'fid', 'kid_mean', 'kid_std', 'is_mean', 'is_std'}.
   """
-  samples = np.clip(np.asarray(samples, np.float32), 0., 1.)
   features, logits = evaluator(samples)
-  kid_mean, kid_std = kernel_inception_distance(features, reference.features, kid_subsets,
-                                                kid_subset_size, seed)
-  is_mean, is_std = inception_score(logits, is_splits)
-  return {'fid': frechet_distance(*feature_statistics(features), reference.mu, reference.sigma),
-          'kid_mean': kid_mean, 'kid_std': kid_std, 'is_mean': is_mean, 'is_std': is_std}
+  m = sample_metrics(features, logits, reference, kid_subsets=kid_subsets,
+                     kid_subset_size=kid_subset_size, is_splits=is_splits, seed=seed)
+  return {'fid': m['fid'], 'kid_mean': m['kid'], 'kid_std': m['kid_std'],
+          'is_mean': m['inception_score'], 'is_std': m['inception_score_std']}
 
 
 def fit_gaussian(images) -> tuple[np.ndarray, np.ndarray]:
@@ -658,3 +819,51 @@ def sample_gaussian(key, mean, cov, num_samples: int, shape=(8, 8, 1), clip: boo
       z, root.T, precision=jax.lax.Precision.HIGHEST)
   x = x.reshape((num_samples, *shape))
   return jnp.clip(x, 0., 1.) if clip else x
+
+
+# ----------------------------------------------------------------------------- bits/dim baselines
+
+
+def fit_diagonal_gaussian(x) -> tuple[np.ndarray, np.ndarray]:
+  """The maximum-likelihood diagonal Gaussian of x [n, ...]: (mean [D], variance [D]) with
+  ddof = 0, float64."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  return x.mean(axis=0), x.var(axis=0)
+
+
+def diagonal_gaussian_log_prob(x, mean, var) -> np.ndarray:
+  """log N(x; mean, diag(var)) of each row of x [n, ...], in nats, float64."""
+  x = np.asarray(x, np.float64).reshape(len(x), -1)
+  return -0.5 * np.sum(np.log(2. * np.pi * var) + (x - mean) ** 2 / var, axis=-1)
+
+
+def fit_density_baselines(x, gmm_components: int = 10, seed: int = 0) -> dict:
+  """Density baselines fitted to training data x [n, ...] (already dequantized and scaled as
+  the model sees it): {'diagonal_gaussian', 'gaussian_mixture'} -> log_prob(x [m, ...]) [m].
+
+  The diagonal Gaussian is the maximum-likelihood fit; the mixture is scikit-learn's
+  GaussianMixture (full covariances, k-means initialisation, seeded, reg_covar 1e-6), fitted
+  in float64.
+  """
+  from sklearn.mixture import GaussianMixture   # only the baselines need scikit-learn
+  flat = np.asarray(x, np.float64).reshape(len(x), -1)
+  mean, var = fit_diagonal_gaussian(flat)
+  gmm = GaussianMixture(gmm_components, covariance_type='full', reg_covar=1e-6,
+                        random_state=seed, max_iter=200).fit(flat)
+  return {
+      'diagonal_gaussian': lambda y: diagonal_gaussian_log_prob(y, mean, var),
+      'gaussian_mixture': lambda y: gmm.score_samples(
+          np.asarray(y, np.float64).reshape(len(y), -1)),
+  }
+
+
+def bits_per_dim(log_prob, num_dims: int, num_bits: int | None = 8,
+                 scaler_slope: float = 1.) -> np.ndarray:
+  """bpd = -log p(x) / (D ln 2) + num_bits - log2(slope), as `likelihood.get_likelihood_fn`.
+
+  log_prob is the density of the model's inputs x = slope y + shift, y = (k + u) / 2^b the
+  uniformly dequantized data (see likelihood.py's docstring): the number is then an upper
+  bound on the bits/dim of the discrete data, comparable across scalings.
+  """
+  offset = 0. if num_bits is None else num_bits - np.log2(scaler_slope)
+  return -np.asarray(log_prob, np.float64) / (num_dims * np.log(2.)) + offset

@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from typing import Any, NamedTuple
@@ -28,6 +30,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import datasets
+import evaluation
 import likelihood
 import losses
 import ode_solvers
@@ -37,7 +40,7 @@ import sde_lib
 from models import score as score_lib
 from models.mlp import ScoreMLP
 
-MODES = ('train', 'eval', 'sample', 'all')
+MODES = ('train', 'eval', 'sample', 'stats', 'all')
 
 
 # -----------------------------------------------------------------------------
@@ -58,6 +61,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   _check(config.sde.num_scales >= 2, f'sde.num_scales must be >= 2, got {config.sde.num_scales}')
   _check(config.model.name in MODELS, f'model.name={config.model.name!r}; valid: {sorted(MODELS)}')
   _check(0 <= config.model.ema_rate < 1, f'model.ema_rate must lie in [0, 1), got {config.model.ema_rate}')
+  _check(config.model.get('dtype', 'float32') in ('float32', 'bfloat16'),
+         f"model.dtype={config.model.get('dtype')!r}; valid: ['float32', 'bfloat16']")
   _check(config.training.loss in losses.LOSSES,
          f'training.loss={config.training.loss!r}; valid: {sorted(losses.LOSSES)}')
   _check(config.training.reduce in losses.REDUCTIONS,
@@ -141,7 +146,8 @@ def _make_ncsnpp(config):
       progressive_input=m.progressive_input, progressive_combine=m.progressive_combine,
       embedding_type=m.embedding_type, fourier_scale=m.fourier_scale,
       scale_by_sigma=m.scale_by_sigma, conditional=m.conditional, init_scale=m.init_scale,
-      nonlinearity=m.nonlinearity, centered=config.data.centered, sigmas=_discrete_sigmas(config))
+      nonlinearity=m.nonlinearity, centered=config.data.centered, sigmas=_discrete_sigmas(config),
+      dtype=jnp.dtype(m.get('dtype', 'float32')))
 
 
 def _make_ddpm(config):
@@ -151,7 +157,8 @@ def _make_ddpm(config):
               attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
               resamp_with_conv=m.resamp_with_conv, scale_by_sigma=m.scale_by_sigma,
               conditional=m.conditional, nonlinearity=m.nonlinearity,
-              centered=config.data.centered, sigmas=_discrete_sigmas(config))
+              centered=config.data.centered, sigmas=_discrete_sigmas(config),
+              dtype=jnp.dtype(m.get('dtype', 'float32')))
 
 
 # name: (builder, convention). Convention 'ours': models/score.network_score (noise
@@ -277,7 +284,10 @@ def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
     score = functools.partial(train_score, params, train=True, dropout_key=k_drop)
     return loss_impl(score, sde, k_loss, _batch_x(batch), **kwargs)
 
-  schedule = optax.warmup_constant_schedule(0.0, config.optim.lr, max(config.optim.warmup, 1))
+  if config.optim.warmup > 0:   # linear from 0 over `warmup` steps, as the reference
+    schedule = optax.warmup_constant_schedule(0.0, config.optim.lr, config.optim.warmup)
+  else:
+    schedule = optax.constant_schedule(config.optim.lr)
   chain = []
   if config.optim.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
@@ -598,7 +608,11 @@ def map_over_processes(fn, n, item_shape=()):
 
 def _restore_for_eval(config, comp, workdir, step=None):
   ckpts = Checkpoints(workdir, config.training.snapshot_keep)
-  state = init_state(config, comp)
+  # Shapes alone (restoring needs no initialised network), placed on this process's first
+  # device as init_state's arrays would be.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                       jax.eval_shape(functools.partial(init_state, config, comp)))
   if step is None:
     mngr, step = ckpts.latest()
   else:
@@ -611,24 +625,71 @@ def _restore_for_eval(config, comp, workdir, step=None):
   return state, step
 
 
+def _draw_round(comp, score_fn, key, r):
+  """Sampling round r: comp.sampler with the key fold_in(key, r). Returns (x, nfe)."""
+  return comp.sampler(jax.random.fold_in(key, r), score_fn)
+
+
+def sample_rounds(config, comp, params, key, num_samples, summarize=None, item_shape=None,
+                  round_dir=None):
+  """num_samples samples in rounds of sampling.batch_size, the last round trimmed.
+
+  Round r uses the key fold_in(key, r), so the samples do not depend on how many processes
+  share the rounds (process p draws the rounds r with r mod count = p), nor on resuming.
+
+  Args:
+    config, comp, params: the run's config, components and (replicated) parameters.
+    key: the sampling key.
+    num_samples: how many samples in all (the rounds add up to exactly this).
+    summarize: ``(x [n, *data_shape], r) -> [n, *item_shape]``: what is kept of a round
+      (features, say); default the samples themselves.
+    item_shape: the shape of summarize's rows (default data_shape).
+    round_dir: if given, each round's result is saved there (round_<r>.npz, atomically)
+      and read back instead of drawn again: an evaluation killed mid-way resumes with the
+      rounds it had finished.
+
+  Returns:
+    (the per-round results in order, nfe per sample of the last round).
+  """
+  bs = config.sampling.batch_size
+  rounds = math.ceil(num_samples / bs)
+  item_shape = tuple(comp.data_shape if item_shape is None else item_shape)
+  score_fn = comp.score_fn(host_local(params))
+  nfes = {}
+
+  def one_round(r):
+    count = min(bs, num_samples - r * bs)
+    path = round_dir and os.path.join(round_dir, f'round_{r:06d}.npz')
+    if path and os.path.exists(path):
+      with np.load(path) as data:
+        out, nfe = data['out'], int(data['nfe'])
+      if out.shape == (count,) + item_shape:
+        nfes[r] = nfe
+        return out
+    x, nfe = _draw_round(comp, score_fn, key, r)
+    x = np.asarray(x)[:count]
+    out = np.asarray(summarize(x, r) if summarize else x, np.float32)
+    nfes[r] = int(nfe)
+    if path:
+      os.makedirs(round_dir, exist_ok=True)
+      with open(path + '.tmp', 'wb') as f:
+        np.savez(f, out=out, nfe=nfes[r])
+      os.replace(path + '.tmp', path)
+    return out
+
+  out = map_over_processes(one_round, rounds, item_shape)
+  nfe = map_over_processes(lambda r: np.array([nfes[r]]), rounds)[-1]
+  return out, int(nfe[0])
+
+
 def draw_samples(config, comp, params, key, num_samples):
   """num_samples samples in rounds of sampling.batch_size (the last round trimmed).
 
   Round r uses the key fold_in(key, r), so the samples do not depend on how many
   processes share the rounds. Returns (x, nfe), nfe per sample of the last round.
   """
-  score_fn = comp.score_fn(host_local(params))
-  nfes = {}
-
-  def one_round(r):
-    x, nfe = comp.sampler(jax.random.fold_in(key, r), score_fn)
-    nfes[r] = int(nfe)
-    return np.asarray(x)
-
-  rounds = math.ceil(num_samples / config.sampling.batch_size)
-  out = map_over_processes(one_round, rounds, comp.data_shape)
-  nfe = map_over_processes(lambda r: np.array([nfes[r]]), rounds)[-1]
-  return np.concatenate(out)[:num_samples], int(nfe[0])
+  out, nfe = sample_rounds(config, comp, params, key, num_samples)
+  return np.concatenate(out), nfe
 
 
 def sample(config, workdir):
@@ -658,12 +719,179 @@ REPORT_KEYS = ('step', 'eval_loss', 'bpd', 'bpd_stderr', 'nfe_likelihood', 'num_
                'samples_png')
 TOY_REPORT_KEYS = ('test_logp_true', 'test_logp_model', 'energy_distance_model',
                    'energy_distance_true_vs_true')
+# Image data with eval.enable_fid / enable_kid / enable_inception_score; 'sample_features'
+# names the network ('digits' or 'inception'). With eval.enable_baselines the report also has
+# 'sample_baselines' {'held_out_real', 'gaussian_fit'} -> the same metrics (and num_samples),
+# and, with enable_bpd, 'bpd_baselines' {'diagonal_gaussian', 'gaussian_mixture'} ->
+# {'bpd', 'bpd_stderr'}.
+SAMPLE_REPORT_KEYS = ('sample_features', 'fid', 'kid', 'kid_std', 'inception_score',
+                      'inception_score_std')
+
+
+def _is_image_data(config):
+  return config.data.dataset not in datasets.TOY_DISTRIBUTIONS
+
+
+def _sample_metric_names(config):
+  ec = config.eval
+  names = [name for name, on in (('fid', ec.enable_fid), ('kid', ec.enable_kid),
+                                 ('inception_score', ec.enable_inception_score)) if on]
+  return names if _is_image_data(config) and ec.enable_sampling else []
+
+
+def _feature_evaluator(config):
+  """The feature network of a dataset: the digits classifier for 'digits', else the FID
+  Inception network (weights from eval.inception_weights or $SCORE_SDE_INCEPTION_WEIGHTS)."""
+  if config.data.dataset == 'digits':
+    return evaluation.DigitsEvaluator()
+  return evaluation.InceptionEvaluator(config.eval.inception_weights or None)
+
+
+def _feature_name(config):
+  return 'digits' if config.data.dataset == 'digits' else 'inception'
+
+
+def stats_path(config, workdir):
+  """eval.stats_path, or <workdir>/stats/<dataset>_<split>_<n>_<size>px_<features>.npz."""
+  if config.eval.stats_path:
+    return config.eval.stats_path
+  ec = config.eval
+  size = config.data.image_size or 'native'
+  name = (f'{config.data.dataset.replace("/", "_")}_{ec.stats_split}_'
+          f'{ec.stats_num_examples or "all"}_{size}px_{_feature_name(config)}.npz')
+  return os.path.join(workdir, 'stats', name)
+
+
+def _images_uint8(config, data, n):
+  """The first n images of an ordered evaluation Dataset as uint8 batches (none dropped)."""
+  inverse = datasets.inverse_scaler(config.data.centered)
+  for i in range(math.ceil(n / data.batch_size)):
+    x = _batch_x(data.batch(i))[:n - i * data.batch_size]
+    yield evaluation.quantize_images(inverse(x))
+
+
+def compute_stats(config, workdir, evaluator=None):
+  """--mode stats: the reference features of the configured dataset, saved as .npz.
+
+  The first eval.stats_num_examples images (0: all) of eval.stats_split, in stored order,
+  without augmentation or dequantization, quantized to uint8 like the samples, through the
+  feature network (`_feature_evaluator`); no last batch is dropped. The file (see
+  `evaluation.save_reference`) holds mu, sigma (FID), eval.stats_kid_features feature rows
+  (KID), the real data's Inception Score and what it was computed from; it is written
+  atomically, and an existing file is kept.
+
+  Returns:
+    (path, reference).
+  """
+  path = stats_path(config, workdir)
+  if os.path.exists(path):
+    print(f'Dataset statistics exist: {path}', file=sys.stderr)
+    return path, evaluation.load_reference(path)[0]
+  ec = config.eval
+  data = _dataset(config, ec.stats_split, ec.batch_size, False)
+  n = ec.stats_num_examples or data.num_examples
+  if n > data.num_examples:
+    raise ValueError(f'eval.stats_num_examples={ec.stats_num_examples} but the {ec.stats_split!r} '
+                     f'split of {config.data.dataset} has {data.num_examples} images')
+  evaluator = evaluator or _feature_evaluator(config)
+  reference, logits = evaluation.compute_reference(
+      evaluator, _images_uint8(config, data, n), ec.stats_kid_features, n, seed=config.seed)
+  is_mean, is_std = evaluation.inception_score(logits, min(ec.is_splits, n))
+  if jax.process_index() == 0:
+    evaluation.save_reference(path, reference, dataset=config.data.dataset, split=ec.stats_split,
+                              image_size=int(data.data_shape[0]), features=evaluator.name,
+                              inception_score=is_mean, inception_score_std=is_std)
+    print(f'Statistics of {n} {config.data.dataset} images ({ec.stats_split}, '
+          f'{evaluator.name} features): {path}', file=sys.stderr)
+  return path, reference
+
+
+def _load_stats(config, workdir, evaluator, data_shape):
+  """The reference statistics for FID/KID; digits compute theirs when missing (a second)."""
+  path = stats_path(config, workdir)
+  if not os.path.exists(path):
+    if evaluator.name == 'digits':
+      return compute_stats(config, workdir, evaluator)[1]
+    raise FileNotFoundError(
+        f'No dataset statistics at {path} (eval.stats_path) for FID/KID: compute them once with '
+        f'`python main.py --config <this config> --workdir {workdir} --mode stats`, or set '
+        f'eval.stats_path to an existing file, or turn off eval.enable_fid and eval.enable_kid.')
+  reference, meta = evaluation.load_reference(path)
+  if meta.get('features') != evaluator.name:
+    raise ValueError(f'{path} holds {meta.get("features")!r} features, not {evaluator.name!r}')
+  if meta.get('image_size') != data_shape[0]:
+    raise ValueError(f'{path} was computed at image_size={meta.get("image_size")}, but the '
+                     f'data here is {data_shape[0]} px (data.image_size)')
+  return reference
+
+
+class _EvalContext(NamedTuple):
+  """What every checkpoint's evaluation shares: computed once per `evaluate` call."""
+  evaluator: Any = None
+  reference: Any = None
+  sample_baselines: dict | None = None
+  bpd_baselines: dict | None = None
+
+
+def _all_images(config, split):
+  """Every image of a split, ordered, scaled as the model sees it (no dequantization)."""
+  data = _dataset(config, split, config.eval.batch_size, False)
+  return np.concatenate([_batch_x(data.batch(i)) for i in range(data.steps_per_epoch)])
+
+
+def _eval_context(config, comp, workdir):
+  """Loads the feature network and dataset statistics and computes the baselines."""
+  names = _sample_metric_names(config)
+  ec = config.eval
+  context = _EvalContext()
+  if names:
+    evaluator = _feature_evaluator(config)
+    reference = _load_stats(config, workdir, evaluator, comp.data_shape)
+    context = context._replace(evaluator=evaluator, reference=reference)
+  if not (ec.enable_baselines and _is_image_data(config)):
+    return context
+  train = _all_images(config, 'train')
+  inverse = datasets.inverse_scaler(config.data.centered)
+  if names:
+    # Floor: held-out real images; ceiling: a Gaussian fit to the training images. Both as
+    # many as the model's samples (the floor at most the whole eval split).
+    n = config.sampling.num_samples
+    held_out = inverse(_all_images(config, ec.split)[:n])
+    mean, cov = evaluation.fit_gaussian(inverse(train))
+    fake = evaluation.sample_gaussian(jax.random.PRNGKey(config.seed + 8), mean, cov, n,
+                                      comp.data_shape)
+    metrics = functools.partial(evaluation.sample_metrics, reference=context.reference,
+                                metrics=names, kid_subsets=ec.kid_subsets,
+                                kid_subset_size=ec.kid_subset_size,
+                                is_splits=ec.is_splits, seed=config.seed)
+    context = context._replace(sample_baselines={
+        'held_out_real': metrics(*context.evaluator(held_out)),
+        'gaussian_fit': metrics(*context.evaluator(np.asarray(fake)))})
+  if ec.enable_bpd and config.data.uniform_dequantization:
+    fit_data = _dequantize_eval(jax.random.PRNGKey(config.seed + 9), train, config.data.centered,
+                                config.data.num_bits or 8)
+    fits = evaluation.fit_density_baselines(np.asarray(fit_data), ec.gmm_components,
+                                            seed=config.seed)
+    d = math.prod(comp.data_shape)
+
+    def one_batch(k, x):
+      return np.stack([evaluation.bits_per_dim(fit(np.asarray(x)), d, config.data.num_bits or 8,
+                                               comp.scaler_slope) for fit in fits.values()], -1)
+
+    results = np.concatenate(_bpd_passes(config, comp, one_batch, len(fits)))
+    context = context._replace(bpd_baselines={
+        name: {'bpd': float(results[:, j].mean()),
+               'bpd_stderr': float(results[:, j].std() / np.sqrt(len(results)))}
+        for j, name in enumerate(fits)})
+  return context
 
 
 def evaluate(config, workdir):
   """Evaluates every snapshot (begin_ckpt..end_ckpt) once; a report JSON per checkpoint.
 
-  Reports already written are skipped, so a preempted evaluation resumes where it stopped.
+  Reports already written are skipped, and within a checkpoint the sampling rounds already
+  done (eval/rounds_<step>_<signature>/) are read back, so a preempted evaluation resumes
+  where it stopped and gives the numbers of an uninterrupted one.
   """
   comp = build(config)
   ckpts = Checkpoints(workdir, config.training.snapshot_keep)
@@ -676,20 +904,42 @@ def evaluate(config, workdir):
   eval_dir = os.path.join(workdir, 'eval')
   os.makedirs(eval_dir, exist_ok=True)
   written = []
+  context = None
   for step in steps:
     path = os.path.join(eval_dir, f'report_{step}.json')
     if os.path.exists(path):
       written.append(path)
       continue
+    context = context or _eval_context(config, comp, workdir)
     state, _ = _restore_for_eval(config, comp, workdir, step)
-    report = _evaluate_checkpoint(config, comp, state, step, workdir)
+    report = _evaluate_checkpoint(config, comp, state, step, workdir, context)
     if jax.process_index() == 0:
       tmp = path + '.tmp'
       with open(tmp, 'w') as f:
         json.dump(report, f, indent=1)
       os.replace(tmp, path)   # atomic: a report exists whole or not at all
+      rounds = _round_dir(config, workdir, step)
+      if os.path.isdir(rounds):
+        shutil.rmtree(rounds)   # the report holds what they were kept for
+      print(_report_summary(report), file=sys.stderr)
     written.append(path)
   return written
+
+
+def _report_summary(report):
+  """A few lines comparing the model with its baselines."""
+  lines = [f'step {report["step"]}:']
+  keys = ('fid', 'kid', 'inception_score')
+  rows = [('model', report)] + list((report.get('sample_baselines') or {}).items())
+  for name, row in rows:
+    values = [f'{k} {row[k]:.4g}' for k in keys if k in row]
+    if values:
+      lines.append(f'  {name:14s} n={row.get("num_samples")} ' + ', '.join(values))
+  if 'bpd' in report:
+    lines.append(f'  bpd model {report["bpd"]:.4f} +- {report["bpd_stderr"]:.4f}' + ''.join(
+        f'; {name} {b["bpd"]:.4f} +- {b["bpd_stderr"]:.4f}'
+        for name, b in (report.get('bpd_baselines') or {}).items()))
+  return '\n'.join(lines)
 
 
 def _eval_batch_count(comp, max_examples):
@@ -705,13 +955,46 @@ def _eval_batch(comp, max_examples, i):
   return _batch_x(comp.eval_data.batch(i))[: n - i * comp.eval_data.batch_size]
 
 
-def _evaluate_checkpoint(config, comp, state, step, workdir):
+def _bpd_passes(config, comp, fn, width):
+  """fn(key, x) -> [b, width] over eval.bpd_num_repeats passes of the test batches.
+
+  Pass r, batch i uses key = fold_in(fold_in(PRNGKey(seed + 4), 1000 + r), i); with
+  data.uniform_dequantization, x is that batch dequantized afresh with this key
+  (`_dequantize_eval`), so the model and the baselines see the same noise. The work is
+  shared among processes; returns the per-batch results in order.
+  """
+  ec = config.eval
+  key = jax.random.PRNGKey(config.seed + 4)
+  _, num_batches = _eval_batch_count(comp, ec.bpd_max_examples)
+
+  def one_batch(j):
+    r, i = divmod(j, num_batches)     # pass r over the test split, batch i
+    k = jax.random.fold_in(jax.random.fold_in(key, 1000 + r), i)
+    x = _eval_batch(comp, ec.bpd_max_examples, i)
+    if config.data.uniform_dequantization:
+      x = _dequantize_eval(k, x, config.data.centered, config.data.num_bits or 8)
+    return fn(k, jnp.asarray(x))
+
+  return map_over_processes(one_batch, max(ec.bpd_num_repeats, 1) * num_batches, (width,))
+
+
+def _round_dir(config, workdir, step):
+  """eval/rounds_<step>_<signature>: the signature hashes what the rounds depend on."""
+  what = {'sampling': config.sampling.to_dict(), 'seed': config.seed,
+          'features': _feature_name(config) if _sample_metric_names(config) else None}
+  signature = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+  return os.path.join(workdir, 'eval', f'rounds_{step}_{signature[:10]}')
+
+
+def _evaluate_checkpoint(config, comp, state, step, workdir, context=None):
   """The report of one checkpoint; the batches and sample rounds are shared among processes.
 
   Batch i always uses the key fold_in(key, i), so the numbers do not depend on the
-  process count.
+  process count. Sampling rounds are saved under eval/ as they finish (their features and
+  logits for image data with sample metrics, else the samples) and reused on a rerun.
   """
   ec = config.eval
+  context = context or _eval_context(config, comp, workdir)
   params = host_local(state.ema_params)
   report = {'step': int(step)}
   key = jax.random.PRNGKey(config.seed + 4)
@@ -729,27 +1012,51 @@ def _evaluate_checkpoint(config, comp, state, step, workdir):
                                        atol=ec.atol, eps=config.training.eps, num_bits=num_bits,
                                        scaler_slope=comp.scaler_slope)
     score_fn = comp.score_fn(params)
-    def one_batch(j):
-      r, i = divmod(j, num_batches)     # pass r over the test split, batch i
-      k = jax.random.fold_in(jax.random.fold_in(key, 1000 + r), i)
-      x = batch(i)
-      if config.data.uniform_dequantization:
-        x = _dequantize_eval(k, x, config.data.centered)
-      res = lik(k, score_fn, jnp.asarray(x))
+
+    def one_batch(k, x):
+      res = lik(k, score_fn, x)
       # Columns: bpd, log p, and the solve's NFE (shared by the batch).
       return np.stack([np.asarray(res.bpd), np.asarray(res.logp),
                        np.full(len(x), int(res.nfe))], axis=-1)
 
-    results = map_over_processes(one_batch, max(ec.bpd_num_repeats, 1) * num_batches, (3,))
+    results = _bpd_passes(config, comp, one_batch, 3)
     bpd = np.concatenate([r[:, 0] for r in results])
     report['bpd'] = float(bpd.mean())
     report['bpd_stderr'] = float(bpd.std() / np.sqrt(len(bpd)))
     report['nfe_likelihood'] = float(np.mean([r[0, 2] for r in results]))
     report['test_logp_model'] = float(np.concatenate([r[:, 1] for r in results]).mean())
+    if context.bpd_baselines:
+      report['bpd_baselines'] = context.bpd_baselines
   if ec.enable_sampling:
-    x, nfe = draw_samples(config, comp, params, jax.random.PRNGKey(config.seed + 5),
-                          config.sampling.num_samples)
+    names = _sample_metric_names(config)
     png = os.path.join(workdir, 'eval', f'samples_{step}.png')
+    inverse = datasets.inverse_scaler(config.data.centered)
+
+    def summarize(x, r):
+      if r == 0:
+        plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+      features, logits = context.evaluator(evaluation.quantize_images(inverse(x)))
+      return np.concatenate([features, logits], axis=-1)
+
+    round_dir = _round_dir(config, workdir, step)
+    if names:
+      ev = context.evaluator
+      out, nfe = sample_rounds(config, comp, params, jax.random.PRNGKey(config.seed + 5),
+                               config.sampling.num_samples, summarize,
+                               (ev.feature_dim + ev.num_classes,), round_dir)
+      out = np.concatenate(out)
+      report.update(evaluation.sample_metrics(
+          out[:, :ev.feature_dim], out[:, ev.feature_dim:], context.reference, metrics=names,
+          kid_subsets=ec.kid_subsets, kid_subset_size=ec.kid_subset_size,
+          is_splits=ec.is_splits, seed=config.seed))
+      report['sample_features'] = ev.name
+      if context.sample_baselines:
+        report['sample_baselines'] = context.sample_baselines
+      report.update(num_samples=len(out), nfe_sampling=nfe, samples_png=os.path.abspath(png))
+      return report
+    out, nfe = sample_rounds(config, comp, params, jax.random.PRNGKey(config.seed + 5),
+                             config.sampling.num_samples, round_dir=round_dir)
+    x = np.concatenate(out)
     if jax.process_index() == 0:
       plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
     report.update(num_samples=len(x), nfe_sampling=nfe, samples_png=os.path.abspath(png))
@@ -766,16 +1073,26 @@ def _evaluate_checkpoint(config, comp, state, step, workdir):
   return report
 
 
-def _dequantize_eval(key, x, centered):
-  """Test images in [0, 1] (or [-1, 1]) back to integers, then uniformly dequantized."""
+@functools.partial(jax.jit, static_argnames=('centered', 'num_bits'))
+def _dequantize_eval(key, x, centered, num_bits=8):
+  """Test images in [0, 1] (or [-1, 1]) back to integers k = round((2^b - 1) y), then
+  uniformly dequantized to (k + u) / 2^b, u ~ U[0, 1) (likelihood.uniform_dequantize), and
+  scaled back: the training data's dequantization, so bits/dim carry the offset
+  b - log2(slope) of likelihood.py. Digits are stored on this 8-bit grid (17 grey levels
+  at round(255 v / 16)), so they are dequantized as 8-bit images too."""
   y = (x + 1) / 2 if centered else x
-  ints = jnp.round(jnp.asarray(y) * 255)
-  y = likelihood.uniform_dequantize(key, ints)
+  ints = jnp.round(jnp.asarray(y) * (2 ** num_bits - 1))
+  y = likelihood.uniform_dequantize(key, ints, num_bits)
   return 2 * y - 1 if centered else y
 
 
 def run(config, workdir, mode):
-  """Dispatches one mode; 'all' trains, then evaluates and samples. Returns the written paths."""
+  """Dispatches one mode; 'all' trains, then evaluates. Returns the written paths.
+
+  'stats' computes the dataset statistics that FID/KID compare with (`compute_stats`).
+  'all' first checks that the evaluation can run (feature network, statistics), so that a
+  missing file fails before training rather than after it.
+  """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; valid modes: {list(MODES)}')
   if mode == 'train':
@@ -785,6 +1102,11 @@ def run(config, workdir, mode):
     return list(sample(config, workdir))
   if mode == 'eval':
     return evaluate(config, workdir)
+  if mode == 'stats':
+    return [compute_stats(config, workdir)[0]]
+  if _sample_metric_names(config):
+    shape = _dataset(config, config.eval.stats_split, 1, False).data_shape
+    _load_stats(config, workdir, _feature_evaluator(config), shape)
   train(config, workdir)
   reports = evaluate(config, workdir)
   return reports

@@ -108,7 +108,26 @@ def get_base_config():
   evaluate.hutchinson_type = 'rademacher'
   evaluate.rtol = 1e-5
   evaluate.atol = 1e-5
-  evaluate.enable_sampling = True
+  evaluate.enable_sampling = True     # sampling.num_samples samples, in resumable rounds
+  # Sample quality (image data, with enable_sampling): features of the uint8-quantized samples
+  # from the digits classifier (dataset 'digits') or the FID Inception network (any other).
+  evaluate.enable_fid = False
+  evaluate.enable_kid = False
+  evaluate.enable_inception_score = False
+  evaluate.inception_weights = ''     # converted FID Inception .msgpack; '' : $SCORE_SDE_INCEPTION_WEIGHTS
+  evaluate.stats_path = ''            # dataset statistics (--mode stats); '' : <workdir>/stats/<name>.npz
+  evaluate.stats_split = 'train'      # the FID protocol compares with the training set
+  evaluate.stats_num_examples = 0     # images of stats_split in the statistics; 0: all of them
+  evaluate.stats_kid_features = 10_000  # feature rows kept for KID (a seeded subset beyond that)
+  evaluate.kid_subsets = 100
+  evaluate.kid_subset_size = 1000
+  evaluate.is_splits = 10
+  # Baselines (meant for small data such as digits): sample metrics of held-out real images
+  # (eval.split, the floor) and of a Gaussian fit to the training split (the ceiling); with
+  # enable_bpd, the bits/dim of a diagonal Gaussian and a Gaussian mixture fit to the
+  # training split, on the same dequantized test batches as the model.
+  evaluate.enable_baselines = False
+  evaluate.gmm_components = 10
 
   config.lock()
   return config

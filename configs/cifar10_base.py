@@ -35,6 +35,12 @@ def get_config():
   evaluate.bpd_num_repeats = 5
   evaluate.bpd_max_examples = 0
   evaluate.enable_bpd = False         # switch on for likelihoods (dequantizes the test split)
+  # FID/KID/IS need the FID Inception weights (eval.inception_weights or
+  # $SCORE_SDE_INCEPTION_WEIGHTS) and the statistics of --mode stats (all 50,000 training images).
+  evaluate.enable_fid = True
+  evaluate.enable_kid = True
+  evaluate.enable_inception_score = True
+  evaluate.stats_num_examples = 50_000
   return config
 
 

@@ -21,4 +21,9 @@ def get_config():
   config.eval.batch_size = 500
   config.eval.bpd_num_repeats = 5     # as the reference does for dequantized test data
   config.eval.bpd_max_examples = 0
+  # digits-FID/KID/IS with the embedded classifier, beside the held-out and Gaussian baselines.
+  config.eval.enable_fid = True
+  config.eval.enable_kid = True
+  config.eval.enable_inception_score = True
+  config.eval.enable_baselines = True
   return config

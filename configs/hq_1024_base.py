@@ -14,6 +14,7 @@ def get_config(dataset='ffhq'):
   config.training.preemption_freq = 5000
   config.sampling.snr = 0.15
   config.eval.split = 'train'         # the TFRecords hold one split
+  config.eval.stats_num_examples = 0  # every image (CelebA-HQ has only 30,000)
   config.sampling.batch_size = 8
   config.eval.batch_size = 8
   architectures.ncsnpp_1024(config)
