@@ -23,6 +23,9 @@ import numpy as np
 from jax import lax
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+# A Python float, weakly typed: dividing a bfloat16 array by it keeps bfloat16 (a NumPy
+# float64 scalar would promote the result to float32).
+_SQRT2 = float(np.sqrt(2.0))
 
 _ACTIVATIONS = {
     'swish': nn.silu,
@@ -51,25 +54,39 @@ def default_init(scale=1.0):
   return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
 
 
-def group_norm(channels, name=None):
-  """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in NCSN++."""
-  return nn.GroupNorm(num_groups=min(channels // 4, 32), epsilon=1e-6, name=name)
+def group_norm(channels, name=None, dtype=None):
+  """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in NCSN++.
+
+  `dtype` is the output dtype (None: inferred); Flax computes the statistics in float32
+  (at least) regardless.
+  """
+  return nn.GroupNorm(num_groups=min(channels // 4, 32), epsilon=1e-6, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
 
 
-def conv3x3(features, init_scale=1.0, name=None):
-  """3x3 'same' convolution with bias, DDPM initialization."""
+def conv3x3(features, init_scale=1.0, name=None, dtype=None):
+  """3x3 'same' convolution with bias, DDPM initialization, computed in `dtype`."""
   return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)),
-                 kernel_init=default_init(init_scale), name=name)
+                 kernel_init=default_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
+                 name=name)
 
 
-def conv1x1(features, init_scale=1.0, name=None):
-  """1x1 convolution with bias, DDPM initialization."""
-  return nn.Conv(features, (1, 1), kernel_init=default_init(init_scale), name=name)
+def conv1x1(features, init_scale=1.0, name=None, dtype=None):
+  """1x1 convolution with bias, DDPM initialization, computed in `dtype`."""
+  return nn.Conv(features, (1, 1), kernel_init=default_init(init_scale), dtype=dtype,
+                 param_dtype=jnp.float32, name=name)
 
 
-def nin(features, init_scale=0.1, name=None):
+def nin(features, init_scale=0.1, name=None, dtype=None):
   """Network-in-network: a per-pixel dense layer over channels (the reference's NIN)."""
-  return nn.Dense(features, kernel_init=default_init(init_scale), name=name)
+  return nn.Dense(features, kernel_init=default_init(init_scale), dtype=dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+def dense(features, name=None, dtype=None):
+  """Dense layer with DDPM initialization (scale 1), computed in `dtype`."""
+  return nn.Dense(features, kernel_init=default_init(), dtype=dtype, param_dtype=jnp.float32,
+                  name=name)
 
 
 def positional_embedding(timesteps, dim, max_positions=10000):
@@ -228,6 +245,7 @@ class FIRConv2d(nn.Module):
     down: downsample by 2 (fused).
     resample_kernel: 1-D FIR kernel.
     init_scale: scale of the DDPM initialization.
+    dtype: compute dtype; None infers it from the inputs (parameters stay float32).
   """
   features: int
   kernel_size: int = 3
@@ -235,6 +253,7 @@ class FIRConv2d(nn.Module):
   down: bool = False
   resample_kernel: Sequence[float] = (1, 3, 3, 1)
   init_scale: float = 1.0
+  dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
@@ -243,6 +262,8 @@ class FIRConv2d(nn.Module):
     w = self.param('kernel', default_init(self.init_scale),
                    (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     b = self.param('bias', nn.initializers.zeros, (self.features,))
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     if self.up:
       x = upsample_conv_2d(x, w, k=self.resample_kernel)
     elif self.down:
@@ -261,10 +282,11 @@ class FIRConv2d(nn.Module):
 class Combine(nn.Module):
   """Merges a pyramid input x into features y: 1x1 conv of x, then 'cat' or 'sum' with y."""
   method: str = 'cat'
+  dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x, y):
-    h = conv1x1(y.shape[-1], name='Conv_0')(x)
+    h = conv1x1(y.shape[-1], name='Conv_0', dtype=self.dtype)(x)
     if self.method == 'cat':
       return jnp.concatenate([h, y], axis=-1)
     if self.method == 'sum':
@@ -281,19 +303,25 @@ class AttnBlock(nn.Module):
   """
   skip_rescale: bool = False
   init_scale: float = 0.0
+  dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = group_norm(c, name='GroupNorm_0')(x)
-    q = nin(c, name='NIN_0')(y)
-    k = nin(c, name='NIN_1')(y)
-    v = nin(c, name='NIN_2')(y)
+    y = group_norm(c, name='GroupNorm_0', dtype=self.dtype)(x)
+    q = nin(c, name='NIN_0', dtype=self.dtype)(y)
+    k = nin(c, name='NIN_1', dtype=self.dtype)(y)
+    v = nin(c, name='NIN_2', dtype=self.dtype)(y)
     logits = jnp.einsum('bhwc,bijc->bhwij', q, k) * (c ** -0.5)
+    if self.dtype is not None:
+      # Mixed precision: softmax in float32, the weights back in the compute dtype.
+      logits = logits.astype(jnp.float32)
     weights = jax.nn.softmax(logits.reshape(b, h, w, h * w), axis=-1).reshape(b, h, w, h, w)
+    if self.dtype is not None:
+      weights = weights.astype(self.dtype)
     y = jnp.einsum('bhwij,bijc->bhwc', weights, v)
-    y = nin(c, init_scale=self.init_scale, name='NIN_3')(y)
-    return (x + y) / np.sqrt(2.0) if self.skip_rescale else x + y
+    y = nin(c, init_scale=self.init_scale, name='NIN_3', dtype=self.dtype)(y)
+    return (x + y) / _SQRT2 if self.skip_rescale else x + y
 
 
 class Upsample(nn.Module):
@@ -304,20 +332,23 @@ class Upsample(nn.Module):
     with_conv: follow (or fuse) a 3x3 convolution.
     fir: FIR filter instead of nearest neighbour.
     fir_kernel: 1-D FIR kernel.
+    dtype: compute dtype; None infers it from the inputs (parameters stay float32).
   """
   out_ch: Optional[int] = None
   with_conv: bool = False
   fir: bool = False
   fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
     out_ch = self.out_ch or x.shape[-1]
     if not self.fir:
       h = naive_upsample_2d(x)
-      return conv3x3(out_ch, name='Conv_0')(h) if self.with_conv else h
+      return conv3x3(out_ch, name='Conv_0', dtype=self.dtype)(h) if self.with_conv else h
     if self.with_conv:
-      return FIRConv2d(out_ch, up=True, resample_kernel=self.fir_kernel, name='Conv2d_0')(x)
+      return FIRConv2d(out_ch, up=True, resample_kernel=self.fir_kernel, dtype=self.dtype,
+                       name='Conv2d_0')(x)
     return upsample_2d(x, self.fir_kernel)
 
 
@@ -329,11 +360,13 @@ class Downsample(nn.Module):
     with_conv: use (or fuse) a stride-2 3x3 convolution.
     fir: FIR filter instead of average pooling.
     fir_kernel: 1-D FIR kernel.
+    dtype: compute dtype; None infers it from the inputs (parameters stay float32).
   """
   out_ch: Optional[int] = None
   with_conv: bool = False
   fir: bool = False
   fir_kernel: Sequence[float] = (1, 3, 3, 1)
+  dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
@@ -342,10 +375,12 @@ class Downsample(nn.Module):
       if self.with_conv:
         # Pad one row/column at the end only, then a 'valid' stride-2 conv (as DDPM does).
         return nn.Conv(out_ch, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)),
-                       kernel_init=default_init(), name='Conv_0')(x)
+                       kernel_init=default_init(), dtype=self.dtype, param_dtype=jnp.float32,
+                       name='Conv_0')(x)
       return naive_downsample_2d(x)
     if self.with_conv:
-      return FIRConv2d(out_ch, down=True, resample_kernel=self.fir_kernel, name='Conv2d_0')(x)
+      return FIRConv2d(out_ch, down=True, resample_kernel=self.fir_kernel, dtype=self.dtype,
+                       name='Conv2d_0')(x)
     return downsample_2d(x, self.fir_kernel)
 
 
@@ -358,28 +393,29 @@ class ResnetBlockDDPM(nn.Module):
     dropout: dropout rate (train=True only, rng 'dropout').
     skip_rescale: divide the residual sum by sqrt(2).
     init_scale: initialization scale of the last conv (Conv_1).
+    dtype: compute dtype; None infers it from the inputs (parameters stay float32).
   """
   out_ch: Optional[int] = None
   act: Callable = nn.silu
   dropout: float = 0.1
   skip_rescale: bool = False
   init_scale: float = 0.0
+  dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x, temb=None, train: bool = False):
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = self.act(group_norm(in_ch, name='GroupNorm_0')(x))
-    h = conv3x3(out_ch, name='Conv_0')(h)
+    h = self.act(group_norm(in_ch, name='GroupNorm_0', dtype=self.dtype)(x))
+    h = conv3x3(out_ch, name='Conv_0', dtype=self.dtype)(h)
     if temb is not None:
-      h = h + nn.Dense(out_ch, kernel_init=default_init(), name='Dense_0')(
-          self.act(temb))[:, None, None, :]
-    h = self.act(group_norm(out_ch, name='GroupNorm_1')(h))
+      h = h + dense(out_ch, name='Dense_0', dtype=self.dtype)(self.act(temb))[:, None, None, :]
+    h = self.act(group_norm(out_ch, name='GroupNorm_1', dtype=self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train, name='Dropout_0')(h)
-    h = conv3x3(out_ch, init_scale=self.init_scale, name='Conv_1')(h)
+    h = conv3x3(out_ch, init_scale=self.init_scale, name='Conv_1', dtype=self.dtype)(h)
     if in_ch != out_ch:
-      x = nin(out_ch, name='NIN_0')(x)
-    return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
+      x = nin(out_ch, name='NIN_0', dtype=self.dtype)(x)
+    return (x + h) / _SQRT2 if self.skip_rescale else x + h
 
 
 class ResnetBlockBigGAN(nn.Module):
@@ -398,6 +434,7 @@ class ResnetBlockBigGAN(nn.Module):
     fir_kernel: 1-D FIR kernel.
     skip_rescale: divide the residual sum by sqrt(2).
     init_scale: initialization scale of the last conv (Conv_1).
+    dtype: compute dtype; None infers it from the inputs (parameters stay float32).
   """
   out_ch: Optional[int] = None
   up: bool = False
@@ -408,12 +445,13 @@ class ResnetBlockBigGAN(nn.Module):
   fir_kernel: Sequence[float] = (1, 3, 3, 1)
   skip_rescale: bool = True
   init_scale: float = 0.0
+  dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x, temb=None, train: bool = False):
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = self.act(group_norm(in_ch, name='GroupNorm_0')(x))
+    h = self.act(group_norm(in_ch, name='GroupNorm_0', dtype=self.dtype)(x))
     if self.up:
       resample = (functools.partial(upsample_2d, k=self.fir_kernel) if self.fir
                   else naive_upsample_2d)
@@ -422,14 +460,13 @@ class ResnetBlockBigGAN(nn.Module):
       resample = (functools.partial(downsample_2d, k=self.fir_kernel) if self.fir
                   else naive_downsample_2d)
       h, x = resample(h), resample(x)
-    h = conv3x3(out_ch, name='Conv_0')(h)
+    h = conv3x3(out_ch, name='Conv_0', dtype=self.dtype)(h)
     if temb is not None:
-      h = h + nn.Dense(out_ch, kernel_init=default_init(), name='Dense_0')(
-          self.act(temb))[:, None, None, :]
-    h = self.act(group_norm(out_ch, name='GroupNorm_1')(h))
+      h = h + dense(out_ch, name='Dense_0', dtype=self.dtype)(self.act(temb))[:, None, None, :]
+    h = self.act(group_norm(out_ch, name='GroupNorm_1', dtype=self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train, name='Dropout_0')(h)
-    h = conv3x3(out_ch, init_scale=self.init_scale, name='Conv_1')(h)
+    h = conv3x3(out_ch, init_scale=self.init_scale, name='Conv_1', dtype=self.dtype)(h)
     if in_ch != out_ch or self.up or self.down:
-      x = conv1x1(out_ch, name='Conv_2')(x)
-    return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
+      x = conv1x1(out_ch, name='Conv_2', dtype=self.dtype)(x)
+    return (x + h) / _SQRT2 if self.skip_rescale else x + h
 

@@ -34,6 +34,7 @@ import numpy as np
 from models import layers
 
 _RESBLOCKS = ('ddpm', 'biggan')
+_SQRT2 = layers._SQRT2
 _PROGRESSIVE = ('none', 'output_skip', 'residual')
 _PROGRESSIVE_INPUT = ('none', 'input_skip', 'residual')
 _COMBINE = ('sum', 'cat')
@@ -75,6 +76,13 @@ class NCSNpp(nn.Module):
       convs; 0 gives zeros (the untrained output is then exactly 0).
     nonlinearity: 'swish' / 'silu', 'relu', 'lrelu' or 'elu'.
     centered: inputs are already in [-1, 1]; otherwise [0, 1] inputs are mapped by 2x - 1.
+    dtype: compute dtype, float32 or bfloat16 (mixed precision). Parameters are always
+      float32 (so optimizer, EMA and checkpoints do not depend on it). float32 computes
+      as the inputs promote (unchanged behaviour, float64 inputs under x64 included).
+      With bfloat16, convolutions, dense layers, attention matmuls and FIR resampling
+      run in bfloat16; the noise-level embedding (Fourier / sinusoidal features of the
+      label), the GroupNorm statistics, the attention softmax and the final division by
+      sigma are float32, and the output is returned as float32.
   """
   nf: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -97,6 +105,7 @@ class NCSNpp(nn.Module):
   nonlinearity: str = 'swish'
   centered: bool = False
   sigmas: Sequence[float] | None = None
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, labels, train: bool = False):
@@ -123,6 +132,9 @@ class NCSNpp(nn.Module):
                        f'got shape {x.shape}')
     labels = jnp.broadcast_to(labels, x.shape[:1])
     act = layers.get_act(self.nonlinearity)
+    # None: Flax infers the dtype from inputs and parameters (the float32 path).
+    mixed = jnp.dtype(self.dtype) != jnp.float32
+    dtype = jnp.dtype(self.dtype) if mixed else None
     nf, channels = self.nf, x.shape[-1]
     index = itertools.count()
 
@@ -134,39 +146,44 @@ class NCSNpp(nn.Module):
       if self.resblock_type == 'ddpm':
         block = layers.ResnetBlockDDPM(
             out_ch=out_ch, act=act, dropout=self.dropout, skip_rescale=self.skip_rescale,
-            init_scale=self.init_scale, name=name())
+            init_scale=self.init_scale, dtype=dtype, name=name())
       else:
         block = layers.ResnetBlockBigGAN(
             out_ch=out_ch, up=up, down=down, act=act, dropout=self.dropout, fir=self.fir,
             fir_kernel=self.fir_kernel, skip_rescale=self.skip_rescale,
-            init_scale=self.init_scale, name=name())
+            init_scale=self.init_scale, dtype=dtype, name=name())
       return block(h, temb, train)
 
     def attn(h):
       return layers.AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale,
-                              name=name())(h)
+                              dtype=dtype, name=name())(h)
 
     def rescaled_sum(a, b):
-      return (a + b) / np.sqrt(2.0) if self.skip_rescale else a + b
+      return (a + b) / _SQRT2 if self.skip_rescale else a + b
 
-    # Noise-level embedding.
+    # Noise-level embedding, in float32 (bfloat16 would quantize the noise level); the
+    # dense layers after it compute in dtype.
+    if mixed:
+      labels = labels.astype(jnp.float32)
     if self.embedding_type == 'fourier':
       temb = layers.GaussianFourierProjection(
           embedding_size=nf, scale=self.fourier_scale, name=name())(jnp.log(labels))
     else:
       temb = layers.positional_embedding(labels, nf)
     if self.conditional:
-      temb = nn.Dense(4 * nf, kernel_init=layers.default_init(), name=name())(temb)
-      temb = nn.Dense(4 * nf, kernel_init=layers.default_init(), name=name())(act(temb))
+      temb = layers.dense(4 * nf, name=name(), dtype=dtype)(temb)
+      temb = layers.dense(4 * nf, name=name(), dtype=dtype)(act(temb))
     else:
       temb = None
 
     if not self.centered:
       x = 2 * x - 1.0  # [0, 1] -> [-1, 1]
+    if mixed:
+      x = x.astype(dtype)
 
     # Downsampling path.
     input_pyramid = x if self.progressive_input != 'none' else None
-    hs = [layers.conv3x3(nf, name=name())(x)]
+    hs = [layers.conv3x3(nf, name=name(), dtype=dtype)(x)]
     for level in range(num_levels):
       for _ in range(self.num_res_blocks):
         h = resblock(hs[-1], temb, out_ch=nf * self.ch_mult[level])
@@ -176,16 +193,17 @@ class NCSNpp(nn.Module):
       if level != num_levels - 1:
         if self.resblock_type == 'ddpm':
           h = layers.Downsample(with_conv=self.resamp_with_conv, fir=self.fir,
-                                fir_kernel=self.fir_kernel, name=name())(hs[-1])
+                                fir_kernel=self.fir_kernel, dtype=dtype, name=name())(hs[-1])
         else:
           h = resblock(hs[-1], temb, down=True)
         if self.progressive_input == 'input_skip':
           input_pyramid = _pyramid_down(input_pyramid, self.fir, self.fir_kernel)
-          h = layers.Combine(method=self.progressive_combine, name=name())(input_pyramid, h)
+          h = layers.Combine(method=self.progressive_combine, dtype=dtype,
+                             name=name())(input_pyramid, h)
         elif self.progressive_input == 'residual':
           input_pyramid = layers.Downsample(
               out_ch=h.shape[-1], with_conv=True, fir=self.fir, fir_kernel=self.fir_kernel,
-              name=name())(input_pyramid)
+              dtype=dtype, name=name())(input_pyramid)
           input_pyramid = h = rescaled_sum(input_pyramid, h)
         hs.append(h)
 
@@ -206,21 +224,23 @@ class NCSNpp(nn.Module):
         # GroupNorm-act-conv to image channels at every level, summed up the pyramid.
         if pyramid is not None:
           pyramid = _pyramid_up(pyramid, self.fir, self.fir_kernel)
-        pyramid_h = act(layers.group_norm(h.shape[-1], name=name())(h))
-        pyramid_h = layers.conv3x3(channels, init_scale=self.init_scale, name=name())(pyramid_h)
+        pyramid_h = act(layers.group_norm(h.shape[-1], name=name(), dtype=dtype)(h))
+        pyramid_h = layers.conv3x3(channels, init_scale=self.init_scale, name=name(),
+                                   dtype=dtype)(pyramid_h)
         pyramid = pyramid_h if pyramid is None else pyramid + pyramid_h
       elif self.progressive == 'residual':
         if pyramid is None:
-          pyramid = act(layers.group_norm(h.shape[-1], name=name())(h))
-          pyramid = layers.conv3x3(h.shape[-1], name=name())(pyramid)
+          pyramid = act(layers.group_norm(h.shape[-1], name=name(), dtype=dtype)(h))
+          pyramid = layers.conv3x3(h.shape[-1], name=name(), dtype=dtype)(pyramid)
         else:
           pyramid = layers.Upsample(out_ch=h.shape[-1], with_conv=True, fir=self.fir,
-                                    fir_kernel=self.fir_kernel, name=name())(pyramid)
+                                    fir_kernel=self.fir_kernel, dtype=dtype,
+                                    name=name())(pyramid)
           pyramid = h = rescaled_sum(pyramid, h)
       if level != 0:
         if self.resblock_type == 'ddpm':
           h = layers.Upsample(with_conv=self.resamp_with_conv, fir=self.fir,
-                              fir_kernel=self.fir_kernel, name=name())(h)
+                              fir_kernel=self.fir_kernel, dtype=dtype, name=name())(h)
         else:
           h = resblock(h, temb, up=True)
     assert not hs
@@ -228,9 +248,11 @@ class NCSNpp(nn.Module):
     if self.progressive == 'output_skip':
       h = pyramid
     else:
-      h = act(layers.group_norm(h.shape[-1], name=name())(h))
-      h = layers.conv3x3(channels, init_scale=self.init_scale, name=name())(h)
+      h = act(layers.group_norm(h.shape[-1], name=name(), dtype=dtype)(h))
+      h = layers.conv3x3(channels, init_scale=self.init_scale, name=name(), dtype=dtype)(h)
 
+    if mixed:
+      h = h.astype(jnp.float32)
     if self.scale_by_sigma:
       if self.sigmas is None:
         sigma = labels
