@@ -54,13 +54,17 @@ def default_init(scale=1.0):
   return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
 
 
-def group_norm(channels, name=None, dtype=None):
-  """GroupNorm with min(C // 4, 32) groups and eps 1e-6, as in NCSN++.
+def group_norm(channels, name=None, dtype=None, num_groups=None):
+  """GroupNorm with min(C // 4, 32) groups (NCSN++) or `num_groups` (DDPM: 32), eps 1e-6.
 
   `dtype` is the output dtype (None: inferred); Flax computes the statistics in float32
   (at least) regardless.
   """
-  return nn.GroupNorm(num_groups=min(channels // 4, 32), epsilon=1e-6, dtype=dtype,
+  if num_groups is None:
+    num_groups = min(channels // 4, 32)
+  if num_groups < 1 or channels % num_groups:
+    raise ValueError(f'GroupNorm: {channels} channels do not split into {num_groups} groups')
+  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype,
                       param_dtype=jnp.float32, name=name)
 
 
@@ -304,11 +308,13 @@ class AttnBlock(nn.Module):
   skip_rescale: bool = False
   init_scale: float = 0.0
   dtype: Optional[jnp.dtype] = None
+  num_groups: Optional[int] = None   # None: min(C // 4, 32)
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = group_norm(c, name='GroupNorm_0', dtype=self.dtype)(x)
+    y = group_norm(c, name='GroupNorm_0',
+                 dtype=self.dtype, num_groups=self.num_groups)(x)
     q = nin(c, name='NIN_0', dtype=self.dtype)(y)
     k = nin(c, name='NIN_1', dtype=self.dtype)(y)
     v = nin(c, name='NIN_2', dtype=self.dtype)(y)
@@ -401,16 +407,19 @@ class ResnetBlockDDPM(nn.Module):
   skip_rescale: bool = False
   init_scale: float = 0.0
   dtype: Optional[jnp.dtype] = None
+  num_groups: Optional[int] = None   # None: min(C // 4, 32)
 
   @nn.compact
   def __call__(self, x, temb=None, train: bool = False):
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = self.act(group_norm(in_ch, name='GroupNorm_0', dtype=self.dtype)(x))
+    h = self.act(group_norm(in_ch, name='GroupNorm_0',
+                 dtype=self.dtype, num_groups=self.num_groups)(x))
     h = conv3x3(out_ch, name='Conv_0', dtype=self.dtype)(h)
     if temb is not None:
       h = h + dense(out_ch, name='Dense_0', dtype=self.dtype)(self.act(temb))[:, None, None, :]
-    h = self.act(group_norm(out_ch, name='GroupNorm_1', dtype=self.dtype)(h))
+    h = self.act(group_norm(out_ch, name='GroupNorm_1',
+                 dtype=self.dtype, num_groups=self.num_groups)(h))
     h = nn.Dropout(self.dropout, deterministic=not train, name='Dropout_0')(h)
     h = conv3x3(out_ch, init_scale=self.init_scale, name='Conv_1', dtype=self.dtype)(h)
     if in_ch != out_ch:
@@ -446,12 +455,14 @@ class ResnetBlockBigGAN(nn.Module):
   skip_rescale: bool = True
   init_scale: float = 0.0
   dtype: Optional[jnp.dtype] = None
+  num_groups: Optional[int] = None   # None: min(C // 4, 32)
 
   @nn.compact
   def __call__(self, x, temb=None, train: bool = False):
     in_ch = x.shape[-1]
     out_ch = self.out_ch or in_ch
-    h = self.act(group_norm(in_ch, name='GroupNorm_0', dtype=self.dtype)(x))
+    h = self.act(group_norm(in_ch, name='GroupNorm_0',
+                 dtype=self.dtype, num_groups=self.num_groups)(x))
     if self.up:
       resample = (functools.partial(upsample_2d, k=self.fir_kernel) if self.fir
                   else naive_upsample_2d)
@@ -463,7 +474,8 @@ class ResnetBlockBigGAN(nn.Module):
     h = conv3x3(out_ch, name='Conv_0', dtype=self.dtype)(h)
     if temb is not None:
       h = h + dense(out_ch, name='Dense_0', dtype=self.dtype)(self.act(temb))[:, None, None, :]
-    h = self.act(group_norm(out_ch, name='GroupNorm_1', dtype=self.dtype)(h))
+    h = self.act(group_norm(out_ch, name='GroupNorm_1',
+                 dtype=self.dtype, num_groups=self.num_groups)(h))
     h = nn.Dropout(self.dropout, deterministic=not train, name='Dropout_0')(h)
     h = conv3x3(out_ch, init_scale=self.init_scale, name='Conv_1', dtype=self.dtype)(h)
     if in_ch != out_ch or self.up or self.down:

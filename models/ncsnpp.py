@@ -18,8 +18,8 @@ all_modules_0 with the parameter 'W'. The reference's `pyramid_upsample` /
 `pyramid_downsample` for output_skip / input_skip hold no parameters and are
 plain functions here. Layout: conv kernels HWIO vs OIHW, Dense kernels transposed
 vs torch Linear, NIN W identical. For the DDPM model (reference models/ddpm.py)
-the list order is the same with no Fourier entry; its GroupNorms use 32 groups,
-equal to min(C // 4, 32) for every width of the DDPM presets (all >= 128).
+the list order is the same with no Fourier entry; its GroupNorms have 32 groups at
+every width (num_groups=32), as the reference's.
 """
 from __future__ import annotations
 
@@ -76,6 +76,8 @@ class NCSNpp(nn.Module):
       convs; 0 gives zeros (the untrained output is then exactly 0).
     nonlinearity: 'swish' / 'silu', 'relu', 'lrelu' or 'elu'.
     centered: inputs are already in [-1, 1]; otherwise [0, 1] inputs are mapped by 2x - 1.
+    num_groups: GroupNorm groups; None gives min(C // 4, 32) (NCSN++ / DDPM++), the DDPM
+      U-Net has 32 at every width.
     dtype: compute dtype, float32 or bfloat16 (mixed precision). Parameters are always
       float32 (so optimizer, EMA and checkpoints do not depend on it). float32 computes
       as the inputs promote (unchanged behaviour, float64 inputs under x64 included).
@@ -106,6 +108,7 @@ class NCSNpp(nn.Module):
   centered: bool = False
   sigmas: Sequence[float] | None = None
   dtype: jnp.dtype = jnp.float32
+  num_groups: int | None = None
 
   @nn.compact
   def __call__(self, x, labels, train: bool = False):
@@ -146,17 +149,21 @@ class NCSNpp(nn.Module):
       if self.resblock_type == 'ddpm':
         block = layers.ResnetBlockDDPM(
             out_ch=out_ch, act=act, dropout=self.dropout, skip_rescale=self.skip_rescale,
-            init_scale=self.init_scale, dtype=dtype, name=name())
+            init_scale=self.init_scale, dtype=dtype, num_groups=self.num_groups, name=name())
       else:
         block = layers.ResnetBlockBigGAN(
             out_ch=out_ch, up=up, down=down, act=act, dropout=self.dropout, fir=self.fir,
             fir_kernel=self.fir_kernel, skip_rescale=self.skip_rescale,
-            init_scale=self.init_scale, dtype=dtype, name=name())
+            init_scale=self.init_scale, dtype=dtype, num_groups=self.num_groups, name=name())
       return block(h, temb, train)
 
     def attn(h):
       return layers.AttnBlock(skip_rescale=self.skip_rescale, init_scale=self.init_scale,
-                              dtype=dtype, name=name())(h)
+                              dtype=dtype, num_groups=self.num_groups, name=name())(h)
+
+    def norm(h):
+      return layers.group_norm(h.shape[-1], name=name(), dtype=dtype,
+                               num_groups=self.num_groups)(h)
 
     def rescaled_sum(a, b):
       return (a + b) / _SQRT2 if self.skip_rescale else a + b
@@ -224,13 +231,13 @@ class NCSNpp(nn.Module):
         # GroupNorm-act-conv to image channels at every level, summed up the pyramid.
         if pyramid is not None:
           pyramid = _pyramid_up(pyramid, self.fir, self.fir_kernel)
-        pyramid_h = act(layers.group_norm(h.shape[-1], name=name(), dtype=dtype)(h))
+        pyramid_h = act(norm(h))
         pyramid_h = layers.conv3x3(channels, init_scale=self.init_scale, name=name(),
                                    dtype=dtype)(pyramid_h)
         pyramid = pyramid_h if pyramid is None else pyramid + pyramid_h
       elif self.progressive == 'residual':
         if pyramid is None:
-          pyramid = act(layers.group_norm(h.shape[-1], name=name(), dtype=dtype)(h))
+          pyramid = act(norm(h))
           pyramid = layers.conv3x3(h.shape[-1], name=name(), dtype=dtype)(pyramid)
         else:
           pyramid = layers.Upsample(out_ch=h.shape[-1], with_conv=True, fir=self.fir,
@@ -248,7 +255,7 @@ class NCSNpp(nn.Module):
     if self.progressive == 'output_skip':
       h = pyramid
     else:
-      h = act(layers.group_norm(h.shape[-1], name=name(), dtype=dtype)(h))
+      h = act(norm(h))
       h = layers.conv3x3(channels, init_scale=self.init_scale, name=name(), dtype=dtype)(h)
 
     if mixed:
@@ -314,6 +321,6 @@ DDPM = functools.partial(
     dropout=0.1, resamp_with_conv=True, fir=False, skip_rescale=False, resblock_type='ddpm',
     progressive='none', progressive_input='none', embedding_type='positional',
     scale_by_sigma=False, conditional=True, init_scale=0.0, nonlinearity='swish',
-    centered=True)
+    centered=True, num_groups=32)
 # vp/ddpm/{bedroom,church,celebahq} (256x256).
 DDPM256 = functools.partial(DDPM, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0)
