@@ -15,6 +15,10 @@ peak (--peak_tflops, else a built-in table for H100/H200; unknown on CPU). The b
 every ratio column is the same config at float32 and the first (smallest) batch in the
 same run.
 
+Each row runs in a fresh process, training step first. On CPU, a step whose planned
+memory exceeds the host memory available is not run: the row keeps the forward pass and
+the step's plan (FLOPs, bytes) and says why.
+
 With --reference_python and --reference_dir, the reference PyTorch model
 (yang-song/score_sde_pytorch) is timed beside it by benchmarks/reference_model_benchmark.py
 on the same config, batch and thread count (float32 only), and our/reference ratios of
@@ -118,6 +122,18 @@ def _flops(compiled):
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
+def _available_host_bytes():
+  """MemAvailable from /proc/meminfo (Linux), else None."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 def _peak_bytes(device):
   try:
     stats = device.memory_stats()
@@ -127,11 +143,15 @@ def _peak_bytes(device):
 
 
 def measure(name, batch, dtype, repeats, warmup, tiny):
-  """One row: compile, time and cost the forward pass and the training step."""
+  """One row: compile, time and cost the training step, then the forward pass.
+
+  The step goes first, in a process that has allocated nothing else yet (`main` runs each
+  row in a fresh process); on CPU, a step whose XLA plan exceeds the host memory
+  available is not run, and the row keeps its plan (FLOPs, bytes) and says why.
+  """
   config = _load_config(name, dtype, tiny)
   size, channels = config.data.image_size, config.data.num_channels
   comp = run_lib.build_components(config, (size, size, channels))
-  state = _random_state(config, comp)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.uniform(size=(batch, size, size, channels)), jnp.float32)
   continuous = config.training.loss not in losses.DISCRETE_LOSSES
@@ -151,54 +171,74 @@ def measure(name, batch, dtype, repeats, warmup, tiny):
       jax.block_until_ready(out)
     return (time.perf_counter() - t0) / repeats, out
 
-  # Forward: the score network in evaluation mode.
-  forward = jax.jit(lambda p, x, y: comp.model.apply(p, x, y, train=False))
-  t0 = time.perf_counter()
-  fwd = forward.lower(state.params, x, labels).compile()
-  row['forward_compile_s'] = time.perf_counter() - t0
-  row['forward_s'], _ = timed(fwd, lambda _: (state.params, x, labels))
-  row['forward_memory_bytes'] = _memory(fwd)
-  row['forward_flops'] = _flops(fwd)
-
-  # Training step: run_lib's compiled step (state donated), one step per call.
+  # Training step: run_lib's compiled step (state donated), one step per call, compiled
+  # from abstract shapes so that nothing is allocated before the plan is known.
   mesh = run_lib.make_mesh()
   step_fn, batch_sharding = run_lib.compile_train_step(comp, config, mesh)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  replicated = NamedSharding(mesh, P())
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                        jax.eval_shape(lambda: run_lib.init_state(config, comp)))
   batches = jax.device_put({'image': x[None]}, batch_sharding)
   t0 = time.perf_counter()
-  step = step_fn.lower(state, batches).compile()
+  step = step_fn.lower(shapes, batches).compile()
   row['train_compile_s'] = time.perf_counter() - t0
   row['train_memory_bytes'] = _memory(step)
   row['train_flops'] = _flops(step)
-  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  if jax.default_backend() == 'cpu' and (row['train_memory_bytes'] or 0) > 0.8 * host:
-    # Running it would be OOM-killed (batch 128 NCSN++ on a 23 GiB host); keep the plan.
+  available = _available_host_bytes()
+  if (jax.default_backend() == 'cpu' and available
+      and (row['train_memory_bytes'] or 0) > available - 2**29):
+    # Running it would be OOM-killed (fp32 batch 128 NCSN++ on a 23.5 GiB host). On
+    # XLA:CPU rematerialization does not lower the plan (measured: jax.checkpoint cuts the
+    # saved residuals 5x, the planned temp bytes stay the same).
     row['skipped'] = (f"train step plans {row['train_memory_bytes'] / 2**30:.1f} GiB; "
-                      f"host has {host / 2**30:.1f} GiB")
-    return row
-  holder = {'state': state}
+                      f"{available / 2**30:.1f} GiB of host memory available")
+  else:
+    holder = {'state': jax.device_put(_random_state(config, comp), replicated)}
 
-  def step_args(out):
-    if out is not None:
-      holder['state'] = out[0]
-    return holder['state'], batches
+    def step_args(out):
+      if out is not None:
+        holder['state'] = out[0]
+      return holder['state'], batches
 
-  row['train_step_s'], out = timed(step, step_args)
-  row['train_loss'] = float(np.asarray(out[1])[0])
-  row['device_peak_bytes_so_far'] = _peak_bytes(jax.devices()[0])
+    row['train_step_s'], out = timed(step, step_args)
+    row['train_loss'] = float(np.asarray(out[1])[0])
+    row['device_peak_bytes_so_far'] = _peak_bytes(jax.devices()[0])
+    row['train_images_per_s'] = batch / row['train_step_s']
+    if row['train_flops']:
+      row['train_tflops'] = row['train_flops'] / row['train_step_s'] / 1e12
+      row['train_gflop_per_image'] = row['train_flops'] / batch / 1e9
+    del holder, out
+  del step, batches
 
+  # Forward: the score network in evaluation mode.
+  params = _random_state(config, comp).params
+  forward = jax.jit(lambda p, x, y: comp.model.apply(p, x, y, train=False))
+  t0 = time.perf_counter()
+  fwd = forward.lower(params, x, labels).compile()
+  row['forward_compile_s'] = time.perf_counter() - t0
+  row['forward_s'], _ = timed(fwd, lambda _: (params, x, labels))
+  row['forward_memory_bytes'] = _memory(fwd)
+  row['forward_flops'] = _flops(fwd)
   row['forward_images_per_s'] = batch / row['forward_s']
-  row['train_images_per_s'] = batch / row['train_step_s']
   if row['forward_flops']:
     row['forward_tflops'] = row['forward_flops'] / row['forward_s'] / 1e12
     row['forward_gflop_per_image'] = row['forward_flops'] / batch / 1e9
-  if row['train_flops']:
-    row['train_tflops'] = row['train_flops'] / row['train_step_s'] / 1e12
-    row['train_gflop_per_image'] = row['train_flops'] / batch / 1e9
   ref = REFERENCE_FORWARD_GFLOP_32.get(name)
   if ref and not tiny:
     row['reference_forward_gflop_per_image'] = ref * (size / 32) ** 2
   return row
+
+
+def measure_in_child(name, batch, dtype, repeats, warmup, tiny):
+  """`measure` in a fresh process (rows share no memory, allocator state or caches)."""
+  cmd = [sys.executable, os.path.abspath(__file__), '--child_row', name, str(batch), dtype,
+         str(repeats), str(warmup)] + (['--tiny'] if tiny else [])
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode:
+    why = ('killed by the OS (out of memory?)' if proc.returncode in (-9, 137)
+           else f'exit code {proc.returncode}')
+    raise RuntimeError(f'{name} batch {batch} {dtype}: {why}\n{proc.stderr[-2000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def reference_row(args, name, batch, threads):
@@ -235,7 +275,12 @@ def main():
   parser.add_argument('--reference_dir', default=None)
   parser.add_argument('--tiny', action='store_true', help='narrow network at 8x8 (development)')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'model.json'))
+  parser.add_argument('--child_row', nargs=5, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.child_row:   # internal: one row, in its own process (see measure_in_child)
+    name, batch, dtype, repeats, warmup = args.child_row
+    print(json.dumps(measure(name, int(batch), dtype, int(repeats), int(warmup), args.tiny)))
+    return
   device = jax.devices()[0]
   cpu = jax.default_backend() == 'cpu'
   if args.large_steps is None:
@@ -250,8 +295,8 @@ def main():
       for dtype in args.dtypes:
         small = batch == smallest
         # CPU, large batch: no untimed warm-up call (the step is already compiled AOT).
-        row = measure(name, batch, dtype, args.steps if small else args.large_steps,
-                      1 if (small or not cpu) else 0, args.tiny)
+        row = measure_in_child(name, batch, dtype, args.steps if small else args.large_steps,
+                               1 if (small or not cpu) else 0, args.tiny)
         peak, peak_note = _peak(device, dtype, args.peak_tflops)
         row['peak_tflops'], row['peak_note'] = peak, peak_note
         if peak:
@@ -270,6 +315,7 @@ def main():
             row['reference'] = ref
             if 'forward_s' in ref:
               row['forward_s_ours_over_reference'] = row['forward_s'] / ref['forward_s']
+            if 'train_step_s' in ref and 'train_step_s' in row:
               row['train_step_s_ours_over_reference'] = row['train_step_s'] / ref['train_step_s']
 
   skipped = [r for r in rows if 'skipped' in r]
@@ -302,7 +348,10 @@ def main():
           f"{_fmt(r.get('forward_s_ours_over_reference'), '.2f', 7)} "
           f"{_fmt(r.get('train_step_s_ours_over_reference'), '.2f', 7)}")
   for r in skipped:
-    print(f"skipped {r['config']} batch {r['batch']} {r['dtype']}: {r['skipped']}")
+    print(f"{r['config']} batch {r['batch']} {r['dtype']}: forward {r['forward_s']:.2f} s "
+          f"({r['forward_images_per_s']:.1f} img/s, "
+          f"x{_fmt(r.get('forward_s_ours_over_reference'), '.2f', 0)} the reference's); "
+          f"training step not run: {r['skipped']}")
   print('x base: images/s or memory relative to the baseline row (first dtype, smallest batch); '
         'GF/img: XLA-counted training-step GFLOP per image; ref: ours / reference seconds.')
 
