@@ -73,7 +73,7 @@ def _discrete_perturbation(key, x, sde):
   """A uniform noise level i, the time t_i = i T / (N - 1) that labels it, and z ~ N(0, I)."""
   k_i, k_z = jax.random.split(key)
   i = jax.random.randint(k_i, (x.shape[0],), 0, sde.N)
-  return i, i * sde.T / (sde.N - 1), jax.random.normal(k_z, x.shape, x.dtype)
+  return i, sde.discrete_time(i), jax.random.normal(k_z, x.shape, x.dtype)
 
 
 def smld_loss(score_fn, sde: sde_lib.SDE, key, x, *, reduce: str = 'mean'):

@@ -84,8 +84,24 @@ class SDE:
     return drift * dt, diffusion * math.sqrt(dt)
 
   def discrete_index(self, t):
-    """Index i = int(t (N - 1) / T) of the discrete noise level used at time ``t``."""
+    """Index i = int(t (N - 1) / T) of the discrete noise level used at time ``t``.
+
+    Truncation, as the reference (``labels.long()``): the one rule for the level of a time.
+    """
     return (t * (self.N - 1) / self.T).astype(jnp.int32)
+
+  def discrete_time(self, i):
+    """A time t_i ~= i T / (N - 1) whose ``discrete_index`` is exactly ``i``.
+
+    In float32, i T / (N - 1) times (N - 1) / T can land just below i, which truncation
+    would send one level down (170 of the 1000 levels of N = 1000); t is raised by the
+    few ulps that fix it, so discrete losses label level i with a time of level i.
+    """
+    i = jnp.asarray(i, jnp.int32)
+    t = i * (self.T / (self.N - 1))
+    for _ in range(4):    # one ulp is enough for N up to 10^6 (tested)
+      t = jnp.where(self.discrete_index(t) < i, jnp.nextafter(t, jnp.inf), t)
+    return t
 
   def ancestral_step(self, x, t, score):
     """One ancestral step from the level at ``t`` to the one below.

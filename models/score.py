@@ -6,7 +6,7 @@ from inputs scaled to unit variance, and
   score(x, t) = -net(c_in(t) x, t) / std(t),  c_in(t) = 1 / sqrt(a(t)^2 sigma_data^2 + std(t)^2),
 
 where p_0t(x_t | x_0) = N(a x_0, std^2 I). For the discrete DDPM chain (the 'ddpm'
-loss) a and std are those of level i = t (N - 1): sqrt(abar_i) and sqrt(1 - abar_i).
+loss) a and std are those of level i = sde.discrete_index(t): sqrt(abar_i) and sqrt(1 - abar_i).
 The paper's architectures (NCSN++, DDPM++, DDPM, NCSN, NCSNv2) instead follow the
 reference's per-SDE label and output conventions, so that its checkpoints work:
 ``reference_network_score`` below, with the table of conventions.
@@ -26,7 +26,7 @@ from sde_lib import batch_broadcast
 def marginal_for_network(sde, t, discrete_ddpm: bool = False):
   """(a, std) that condition the network at time t."""
   if discrete_ddpm:
-    abar = sde.alphas_cumprod[jnp.round(t * (sde.N - 1)).astype(jnp.int32)]
+    abar = sde.alphas_cumprod[sde.discrete_index(t)]
     return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
   return sde.marginal_coeffs(t)
 
@@ -70,12 +70,13 @@ def get_score_fn(model, sde, params, *, data_std: float, discrete_ddpm: bool = F
 #                       sigma in the DESCENDING sequence
 #   VP      continuous  999 t                                -output / std(t)
 #   VP      discrete    t (N - 1)                            -output / sqrt(1 - abar_i),
-#                                                            i = round(t (N - 1))
+#                                                            i = int(t (N - 1)), truncated
 #   sub-VP  continuous  999 t                                -output / std(t)
 #
 # VE networks with scale_by_sigma divide their output by the noise level themselves.
-# The reference truncates t (N - 1) to pick abar_i; rounding gives the same level at
-# the training times t_i = i / (N - 1) in float32, where truncation can fall one short.
+# The level of a time is sde.discrete_index (truncation, as the reference's
+# ``labels.long()``); the discrete losses label level i with sde.discrete_time(i), which
+# truncates back to i. The VE label rounds, as the reference does for VE.
 # -----------------------------------------------------------------------------
 
 
@@ -88,7 +89,7 @@ def _ve_convention(sde, t, continuous):
 def _vp_convention(sde, t, continuous):
   if continuous:
     return 999.0 * t, sde.marginal_coeffs(t)[1]
-  abar = sde.alphas_cumprod[jnp.round(t * (sde.N - 1)).astype(jnp.int32)]
+  abar = sde.alphas_cumprod[sde.discrete_index(t)]
   return t * (sde.N - 1), jnp.sqrt(1.0 - abar)
 
 

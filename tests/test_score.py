@@ -60,7 +60,7 @@ def test_wrapped_perfect_network_gives_the_exact_perturbed_score(name, continuou
   if continuous:
     t = jax.random.uniform(key_t, (64,), minval=1e-3, maxval=1.0)
   else:   # the training times of the discrete losses: t_i = i / (N - 1)
-    t = jax.random.randint(key_t, (64,), 0, sde.N) / (sde.N - 1)
+    t = sde.discrete_time(jax.random.randint(key_t, (64,), 0, sde.N))
   score_fn = score_lib.get_reference_score_fn(_PerfectNetwork(sde, continuous), sde, {},
                                               continuous=continuous)
   got = score_fn(x, t)
@@ -106,3 +106,32 @@ def test_subvp_discrete_and_unknown_sdes_fail_clearly():
 
   with pytest.raises(ValueError, match='No network convention for OtherSDE'):
     score_lib.reference_labels(OtherSDE(), jnp.zeros(2), continuous=True)
+
+
+def test_discrete_vp_std_truncates_the_level_on_the_sampling_grid():
+  """The reference divides by sqrt(1 - abar[int(t (N - 1))]) (``labels.long()``), in float32.
+
+  On the sampler's grid linspace(1, 1e-3, 1000) rounding picks another level at half the
+  times; at the last one (t = 1e-3, level 0) the std must be 0.0100, not 0.0148.
+  """
+  sde = sde_lib.VPSDE()
+  t = np.linspace(1.0, 1e-3, sde.N).astype(np.float32)
+  labels, std = score_lib.reference_labels(sde, jnp.asarray(t), continuous=False)
+  level = np.trunc(t * np.float32(sde.N - 1)).astype(np.int64)     # torch's .long()
+  sqrt_1m_abar = np.sqrt(1.0 - np.asarray(sde.alphas_cumprod, np.float64))
+  np.testing.assert_allclose(np.asarray(std), sqrt_1m_abar[level], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(labels), t * np.float32(sde.N - 1), rtol=1e-6)
+  assert abs(float(std[-1]) - 0.0100) < 1e-4
+  # Our own noise-predicting networks trained with the 'ddpm' loss use the same level.
+  _, std_own = score_lib.marginal_for_network(sde, jnp.asarray(t), discrete_ddpm=True)
+  np.testing.assert_allclose(np.asarray(std_own), sqrt_1m_abar[level], rtol=1e-6)
+
+
+@pytest.mark.parametrize('n', [2, 10, 1000, 2000, 10**6])
+def test_discrete_time_truncates_back_to_its_level(n):
+  """The losses label level i with sde.discrete_time(i); its level must be i, for every i."""
+  for sde in (sde_lib.VPSDE(N=n), sde_lib.VESDE(N=n)):
+    i = jnp.arange(n)
+    t = sde.discrete_time(i)
+    np.testing.assert_array_equal(np.asarray(sde.discrete_index(t)), np.arange(n))
+    np.testing.assert_allclose(np.asarray(t), np.arange(n) / (n - 1), rtol=0, atol=2e-7)
