@@ -97,6 +97,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
                          ('eval', 'batch_size')):
     value = config[section][field]
     _check(value > 0, f'{section}.{field} must be positive, got {value}')
+  if _is_image_data(config):
+    _check(config.data.num_bits > 0,
+           f'data.num_bits={config.data.num_bits} but {config.data.dataset} holds quantized '
+           'images: set the bits per value (8), which bits/dim dequantization needs')
   _check(config.eval.hutchinson_type in likelihood.HUTCHINSON_TYPES,
          f'eval.hutchinson_type={config.eval.hutchinson_type!r}; valid: {list(likelihood.HUTCHINSON_TYPES)}')
 
@@ -183,7 +187,8 @@ class Components(NamedTuple):
   data_shape: tuple
   data_std: float
   score_fn: Any         # params -> evaluation-mode score_fn(x, t) (params bound as leaves)
-  loss_fn: Any          # (params, key, batch) -> scalar
+  loss_fn: Any          # (params, key, batch) -> scalar, training mode (dropout on)
+  eval_loss_fn: Any     # (params, key, batch) -> scalar, evaluation mode (dropout off)
   optimizer: Any
   learning_rate: Any    # step -> learning rate (the optimizer's schedule, for logging)
   sampler: Any          # (key, score_fn) -> (samples, nfe), for sampling.batch_size samples
@@ -284,6 +289,13 @@ def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
     score = functools.partial(train_score, params, train=True, dropout_key=k_drop)
     return loss_impl(score, sde, k_loss, _batch_x(batch), **kwargs)
 
+  def eval_loss_fn(params, key, batch):
+    # The network in evaluation mode (no dropout), as the reference's eval step; the loss's
+    # own randomness (t, z) uses the same key split as in training.
+    k_loss, _ = jax.random.split(key)
+    return loss_impl(functools.partial(train_score, params), sde, k_loss, _batch_x(batch),
+                     **kwargs)
+
   if config.optim.warmup > 0:   # linear from 0 over `warmup` steps, as the reference
     schedule = optax.warmup_constant_schedule(0.0, config.optim.lr, config.optim.warmup)
   else:
@@ -305,7 +317,8 @@ def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
     sampler = sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
                                        eps=s.eps, denoise=s.noise_removal)
   return Components(sde, model, train_data, eval_data, data_shape, data_std, score_fn, loss_fn,
-                    optimizer, schedule, sampler, 2.0 if config.data.centered else 1.0)
+                    eval_loss_fn, optimizer, schedule, sampler,
+                    2.0 if config.data.centered else 1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -867,9 +880,9 @@ def _eval_context(config, comp, workdir):
     context = context._replace(sample_baselines={
         'held_out_real': metrics(*context.evaluator(held_out)),
         'gaussian_fit': metrics(*context.evaluator(np.asarray(fake)))})
-  if ec.enable_bpd and config.data.uniform_dequantization:
+  if ec.enable_bpd and config.data.num_bits:
     fit_data = _dequantize_eval(jax.random.PRNGKey(config.seed + 9), train, config.data.centered,
-                                config.data.num_bits or 8)
+                                config.data.num_bits)
     fits = evaluation.fit_density_baselines(np.asarray(fit_data), ec.gmm_components,
                                             seed=config.seed)
     d = math.prod(comp.data_shape)
@@ -958,10 +971,10 @@ def _eval_batch(comp, max_examples, i):
 def _bpd_passes(config, comp, fn, width):
   """fn(key, x) -> [b, width] over eval.bpd_num_repeats passes of the test batches.
 
-  Pass r, batch i uses key = fold_in(fold_in(PRNGKey(seed + 4), 1000 + r), i); with
-  data.uniform_dequantization, x is that batch dequantized afresh with this key
-  (`_dequantize_eval`), so the model and the baselines see the same noise. The work is
-  shared among processes; returns the per-batch results in order.
+  Pass r, batch i uses key = fold_in(fold_in(PRNGKey(seed + 4), 1000 + r), i), and x is
+  ``bpd_input(config, key, batch)``: quantized data dequantized afresh with this key, so the
+  model and the baselines see the same noise. The work is shared among processes; returns
+  the per-batch results in order.
   """
   ec = config.eval
   key = jax.random.PRNGKey(config.seed + 4)
@@ -970,12 +983,19 @@ def _bpd_passes(config, comp, fn, width):
   def one_batch(j):
     r, i = divmod(j, num_batches)     # pass r over the test split, batch i
     k = jax.random.fold_in(jax.random.fold_in(key, 1000 + r), i)
-    x = _eval_batch(comp, ec.bpd_max_examples, i)
-    if config.data.uniform_dequantization:
-      x = _dequantize_eval(k, x, config.data.centered, config.data.num_bits or 8)
-    return fn(k, jnp.asarray(x))
+    return fn(k, bpd_input(config, k, _eval_batch(comp, ec.bpd_max_examples, i)))
 
   return map_over_processes(one_batch, max(ec.bpd_num_repeats, 1) * num_batches, (width,))
+
+
+def bpd_input(config, key, x):
+  """What the likelihood sees of a test batch x: quantized data (data.num_bits > 0, every
+  image dataset) uniformly dequantized with ``key``, whatever data.uniform_dequantization
+  says about training, as the reference's bits/dim; continuous data as they are. Without
+  dequantization a density on the 2^b-level grid is unbounded and bits/dim meaningless."""
+  if config.data.num_bits:
+    return _dequantize_eval(key, jnp.asarray(x), config.data.centered, config.data.num_bits)
+  return jnp.asarray(x)
 
 
 def _round_dir(config, workdir, step):
@@ -1001,7 +1021,7 @@ def _evaluate_checkpoint(config, comp, state, step, workdir, context=None):
   _, num_batches = _eval_batch_count(comp, ec.bpd_max_examples)
   batch = functools.partial(_eval_batch, comp, ec.bpd_max_examples)
   if ec.enable_loss:
-    loss_fn = jax.jit(comp.loss_fn)
+    loss_fn = jax.jit(comp.eval_loss_fn)
     values = map_over_processes(
         lambda i: np.array([loss_fn(params, jax.random.fold_in(key, i), {'x': batch(i)})]),
         num_batches)

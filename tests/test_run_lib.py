@@ -358,3 +358,96 @@ def test_digits_eval_report_with_baselines_resumes_after_a_kill(data_dir, tmp_pa
   for key in ('fid', 'kid', 'kid_std', 'inception_score', 'inception_score_std', 'num_samples',
               'nfe_sampling'):
     np.testing.assert_allclose(resumed[key], report[key], rtol=1e-6, err_msg=key)
+
+
+def _image_config_files():
+  """Every config file of an image dataset (the toy ones hold continuous 2-D points)."""
+  import glob
+  import importlib
+  import datasets
+  out = []
+  for p in sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.py'), recursive=True)):
+    if p.endswith(('base.py', 'architectures.py', '__init__.py')):
+      continue
+    name = os.path.relpath(p, ROOT)[:-3].replace(os.sep, '.')
+    if importlib.import_module(name).get_config().data.dataset not in datasets.TOY_DISTRIBUTIONS:
+      out.append(name)
+  return out
+
+
+@pytest.mark.parametrize('name', _image_config_files())
+def test_bits_per_dim_inputs_of_every_image_config_are_dequantized(name):
+  """The likelihood in eval sees 8-bit images dequantized as (k + u) / 256, u ~ U[0, 1),
+  whatever data.uniform_dequantization says for training (False for CIFAR-10, CelebA, LSUN),
+  so the offset of 8 (7 centered) bits is right."""
+  import importlib
+  import scipy.stats
+  config = importlib.import_module(name).get_config()
+  run_lib.validate_config(config, num_devices=1)
+  assert config.data.num_bits == 8
+  k = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (20000,), 0, 256))
+  y = k / 255.0                                     # the data pipeline's [0, 1] values
+  x = 2 * y - 1 if config.data.centered else y
+  seen = np.asarray(run_lib.bpd_input(config, jax.random.PRNGKey(1), x), np.float64)
+  y_seen = (seen + 1) / 2 if config.data.centered else seen
+  u = y_seen * 256 - k                              # the dequantization noise
+  assert np.all(u >= -1e-4) and np.all(u < 1 + 1e-4)
+  on_grid = np.abs(y_seen * 255 - np.round(y_seen * 255)) < 1e-3
+  assert on_grid.mean() < 0.01                      # U[0, 1) lands within 1e-3 of the grid w.p. 0.8%
+  assert scipy.stats.kstest(u, 'uniform').statistic < 0.015   # 2.1 / sqrt(n): p ~ 3e-4
+
+
+def test_toy_data_reach_the_likelihood_unchanged():
+  config = test_config.get_config()
+  x = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(run_lib.bpd_input(config, jax.random.PRNGKey(0), x)), x)
+
+
+def test_image_config_without_num_bits_fails_clearly():
+  from configs.vp import digits
+  config = digits.get_config()
+  config.data.num_bits = 0
+  with pytest.raises(ValueError, match='data.num_bits=0 but digits holds quantized images'):
+    run_lib.validate_config(config, num_devices=1)
+
+
+def _eval_only(config, workdir, state):
+  """Saves state as the snapshot of step 2 and evaluates it; returns the report."""
+  ckpts = run_lib.Checkpoints(workdir, 1)
+  ckpts.save(ckpts.snapshots, 2, state)
+  ckpts.wait()
+  ckpts.close()
+  [path] = run_lib.evaluate(config, workdir)
+  return json.load(open(path))
+
+
+def test_eval_dequantizes_and_runs_the_network_without_dropout(data_dir, tmp_path, monkeypatch):
+  """Through run_lib.evaluate: with data.uniform_dequantization off (as CIFAR-10), the batches
+  that reach the likelihood are off the 8-bit grid; and the eval loss runs the network in
+  evaluation mode, so it does not depend on the dropout rate."""
+  import jax.numpy as jnp
+  import likelihood
+  config = _tiny_digits_config(data_dir)
+  config.data.uniform_dequantization = False
+  config.eval.update(enable_sampling=False, enable_baselines=False, bpd_num_repeats=1)
+  seen = []
+
+  def fake_likelihood_fn(sde, **kwargs):
+    def lik(key, score_fn, x):
+      seen.append(np.asarray(x))
+      zeros = jnp.zeros(x.shape[0])
+      return likelihood.LikelihoodResult(zeros, zeros, x, jnp.asarray(1))
+    return lik
+
+  monkeypatch.setattr(likelihood, 'get_likelihood_fn', fake_likelihood_fn)
+  reports = []
+  for dropout in (0.0, 0.9):
+    config.model.dropout = dropout
+    comp = run_lib.build(config)
+    state = run_lib.init_state(config, comp)   # the same parameters for both rates
+    reports.append(_eval_only(config, str(tmp_path / f'run_{dropout}'), state))
+  assert reports[0]['eval_loss'] == pytest.approx(reports[1]['eval_loss'], rel=1e-6)
+  x = np.concatenate(seen)
+  assert x.shape[0] == 2 * 32
+  on_grid = np.abs(x * 255 - np.round(x * 255)) < 1e-3
+  assert on_grid.mean() < 0.01
