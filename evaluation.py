@@ -6,8 +6,13 @@ Metrics work on feature or logit arrays and follow the usual conventions:
   (ddof = 1) covariances as in tf-gan and pytorch-fid. Statistics accumulate in float64.
 * KID (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
   k(x, y) = (x.y / d + 1)^3, averaged over random subsets; mean and std over the subsets.
-* IS (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) on each of ``splits`` equal parts;
-  mean and std over the parts.
+* IS (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))). By default over all samples at
+  once (one split), as tf-gan's classifier_score_from_logits that the reference used; with
+  ``splits`` > 1, the mean and std over that many equal parts (the original paper's 10,
+  which gives systematically lower numbers).
+* Samples are quantized to uint8 as the reference does, clip(255 x, 0, 255) cast to uint8
+  (a floor: `SAMPLE_QUANTIZATION`); real images, stored on the k/255 grid, are rounded
+  back to k (a floor would lose a level to float error after centering).
 
 Embedding networks:
 
@@ -215,11 +220,13 @@ def kernel_inception_distance(features1, features2, num_subsets: int = 100,
   return float(values.mean()), float(values.std())
 
 
-def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+def inception_score(logits, splits: int = 1) -> tuple[float, float]:
   """IS = exp(E_x KL(p(y|x) || p(y))) on each of ``splits`` parts: (mean, std) over them.
 
   Salimans et al. 2016 / tf-gan: p(y|x) = softmax(logits), p(y) the mean of p(y|x) over the
-  part; parts are rows [i n / splits, (i + 1) n / splits). Computed in float64.
+  part; parts are rows [i n / splits, (i + 1) n / splits). Computed in float64. One split
+  (the default) is tf-gan's classifier_score_from_logits over all samples, the reference's
+  protocol; its std is 0 by construction.
 
   Args:
     logits: [n, num_classes] unnormalized log-probabilities.
@@ -531,18 +538,31 @@ def load_inception_variables(weights_path: str | None = None) -> dict:
     return flax.serialization.msgpack_restore(f.read())
 
 
-def quantize_images(images) -> np.ndarray:
-  """Images to uint8, as saved image files would be: uint8 as is, floats in [0, 1] as
-  round(255 clip(x, 0, 1)); NaN (a diverged sample) becomes 0, +-inf 255 and 0.
+QUANTIZATION_RULES = ('round', 'floor')
+SAMPLE_QUANTIZATION = 'floor'   # the reference's clip(x * 255, 0, 255).astype(uint8)
 
-  Every feature extractor sees uint8 images, real and generated alike (the FID protocol of
-  tf-gan and clean-fid); real data stored as k / 255 comes back to k exactly.
+
+def quantize_images(images, rule: str = 'round') -> np.ndarray:
+  """Images to uint8: uint8 as is; floats in [0, 1] as ``rule``(255 clip(x, 0, 1)).
+
+  'round' is for real images stored as k / 255 (they come back to k exactly, even after
+  centering to [-1, 1] and back, where float error can put 255 y just below k). 'floor' is
+  the reference's rule for samples (`SAMPLE_QUANTIZATION`, see `quantize_samples`). NaN (a
+  diverged sample) becomes 0, +-inf 255 and 0. Every feature extractor sees uint8 images,
+  real and generated alike (the FID protocol of tf-gan and clean-fid).
   """
+  if rule not in QUANTIZATION_RULES:
+    raise ValueError(f'quantization rule={rule!r}; valid: {list(QUANTIZATION_RULES)}')
   images = np.asarray(images)
   if images.dtype == np.uint8:
     return images
-  x = np.nan_to_num(images.astype(np.float32), nan=0., posinf=1., neginf=0.)
-  return np.round(np.clip(x, 0., 1.) * 255.).astype(np.uint8)
+  x = np.clip(np.nan_to_num(images.astype(np.float32), nan=0., posinf=1., neginf=0.), 0., 1.)
+  return (np.floor if rule == 'floor' else np.round)(x * 255.).astype(np.uint8)
+
+
+def quantize_samples(images) -> np.ndarray:
+  """Generated images in [0, 1] to uint8 by the reference's rule, a floor of 255 x."""
+  return quantize_images(images, SAMPLE_QUANTIZATION)
 
 
 @functools.lru_cache(maxsize=None)
@@ -571,9 +591,24 @@ class InceptionEvaluator:
   def __init__(self, weights_path: str | None = None, half_pixel_centers: bool = True,
                image_size: int | None = None):
     self.variables = load_inception_variables(weights_path)
+    path = weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    with open(path + '.sha256') as f:   # checked against the file by the load above
+      self.weights_sha256 = f.read().split()[0]
     image_size = image_size or INCEPTION_IMAGE_SIZE
     self.image_size = image_size
+    self.half_pixel_centers = half_pixel_centers
     self._apply = _inception_apply(image_size, half_pixel_centers)
+
+  def protocol(self) -> dict:
+    """What a reported number was computed with: network, weights, input processing."""
+    centers = ('half-pixel centers, as torch/pytorch-fid' if self.half_pixel_centers
+               else 'corner-aligned, as TF1/tf-gan')
+    return {'network': 'FID Inception-v3 (the 2015 TF graph of tf-gan, as ported by '
+                       'pytorch-fid): pool_3 features (FID, KID), 1008 logits (IS)',
+            'weights_sha256': self.weights_sha256,
+            'resize': f'bilinear to {self.image_size}x{self.image_size}, no antialiasing, '
+                      f'{centers}',
+            'input_scaling': 'uint8 k -> k / 127.5 - 1'}
 
   def __call__(self, images, batch_size: int | None = None):
     """images [n, H, W, C] uint8 or floats in [0, 1] (C = 1 or 3), quantized to uint8
@@ -643,7 +678,15 @@ class DigitsEvaluator:
           f'{path} not found: run `python scripts/train_digits_classifier.py` to create it')
     with open(path, 'rb') as f:
       self.params = flax.serialization.msgpack_restore(f.read())
+    self.weights_sha256 = file_sha256(path)
     self._apply = jax.jit(DigitsClassifier().apply)
+
+  def protocol(self) -> dict:
+    """What a reported number was computed with (see InceptionEvaluator.protocol)."""
+    return {'network': 'the embedded 8x8 digits classifier (assets/digits_classifier.msgpack): '
+                       '64-d penultimate features (FID, KID), 10 logits (IS analogue)',
+            'weights_sha256': self.weights_sha256, 'resize': 'none (8x8 input)',
+            'input_scaling': 'uint8 k -> 2 k / 255 - 1'}
 
   def __call__(self, images, batch_size: int = 1000):
     """images [n, 8, 8, 1], uint8 or floats in [0, 1] (quantized to uint8 first, as real
@@ -745,7 +788,7 @@ SAMPLE_METRICS = ('fid', 'kid', 'inception_score')
 
 def sample_metrics(features, logits, reference: FeatureReference, *,
                    metrics: Iterable[str] = SAMPLE_METRICS, kid_subsets: int = 100,
-                   kid_subset_size: int = 1000, is_splits: int = 10,
+                   kid_subset_size: int = 1000, is_splits: int = 1,
                    seed: int = 0) -> dict[str, float]:
   """FID, KID and IS of generated images from their features [n, d] and logits [n, c].
 
@@ -758,7 +801,7 @@ def sample_metrics(features, logits, reference: FeatureReference, *,
 
   Returns:
     Some of {'fid', 'kid', 'kid_std', 'inception_score', 'inception_score_std'} and
-    'num_samples'.
+    'num_samples'; 'inception_score_std' only with is_splits > 1 (one split has no spread).
   """
   features = np.asarray(features)
   if features.shape[1:] != reference.mu.shape:
@@ -775,17 +818,20 @@ def sample_metrics(features, logits, reference: FeatureReference, *,
     out['kid'], out['kid_std'] = kernel_inception_distance(
         features, reference.features, kid_subsets, kid_subset_size, seed)
   if 'inception_score' in metrics:
-    out['inception_score'], out['inception_score_std'] = inception_score(logits, is_splits)
+    out['inception_score'], is_std = inception_score(logits, is_splits)
+    if is_splits > 1:
+      out['inception_score_std'] = is_std
   return out
 
 
 def digits_metrics(samples, evaluator: DigitsEvaluator, reference: FeatureReference, *,
-                   kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
+                   kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 1,
                    seed: int = 0) -> dict[str, float]:
   """digits-FID, digits-KID and the digits Inception-Score analogue of samples.
 
   Args:
-    samples: [n, 8, 8, 1] in [0, 1] (quantized to uint8 first); n >= is_splits.
+    samples: [n, 8, 8, 1] in [0, 1] (quantized to uint8 first, `quantize_samples`);
+      n >= is_splits.
     evaluator: a `DigitsEvaluator`.
     reference: `digits_reference(evaluator)`.
     kid_subsets, kid_subset_size, seed: see `kernel_inception_distance`.
@@ -794,11 +840,11 @@ def digits_metrics(samples, evaluator: DigitsEvaluator, reference: FeatureRefere
   Returns:
     {'fid', 'kid_mean', 'kid_std', 'is_mean', 'is_std'}.
   """
-  features, logits = evaluator(samples)
+  features, logits = evaluator(quantize_samples(samples))
   m = sample_metrics(features, logits, reference, kid_subsets=kid_subsets,
                      kid_subset_size=kid_subset_size, is_splits=is_splits, seed=seed)
   return {'fid': m['fid'], 'kid_mean': m['kid'], 'kid_std': m['kid_std'],
-          'is_mean': m['inception_score'], 'is_std': m['inception_score_std']}
+          'is_mean': m['inception_score'], 'is_std': m.get('inception_score_std', 0.0)}
 
 
 def fit_gaussian(images) -> tuple[np.ndarray, np.ndarray]:

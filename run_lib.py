@@ -737,8 +737,7 @@ TOY_REPORT_KEYS = ('test_logp_true', 'test_logp_model', 'energy_distance_model',
 # 'sample_baselines' {'held_out_real', 'gaussian_fit'} -> the same metrics (and num_samples),
 # and, with enable_bpd, 'bpd_baselines' {'diagonal_gaussian', 'gaussian_mixture'} ->
 # {'bpd', 'bpd_stderr'}.
-SAMPLE_REPORT_KEYS = ('sample_features', 'fid', 'kid', 'kid_std', 'inception_score',
-                      'inception_score_std')
+SAMPLE_REPORT_KEYS = ('sample_features', 'fid', 'kid', 'kid_std', 'inception_score')
 
 
 def _is_image_data(config):
@@ -809,7 +808,7 @@ def compute_stats(config, workdir, evaluator=None):
   evaluator = evaluator or _feature_evaluator(config)
   reference, logits = evaluation.compute_reference(
       evaluator, _images_uint8(config, data, n), ec.stats_kid_features, n, seed=config.seed)
-  is_mean, is_std = evaluation.inception_score(logits, min(ec.is_splits, n))
+  is_mean, is_std = evaluation.inception_score(logits, min(ec.is_splits, n))   # real images
   if jax.process_index() == 0:
     evaluation.save_reference(path, reference, dataset=config.data.dataset, split=ec.stats_split,
                               image_size=int(data.data_shape[0]), features=evaluator.name,
@@ -879,7 +878,7 @@ def _eval_context(config, comp, workdir):
                                 is_splits=ec.is_splits, seed=config.seed)
     context = context._replace(sample_baselines={
         'held_out_real': metrics(*context.evaluator(held_out)),
-        'gaussian_fit': metrics(*context.evaluator(np.asarray(fake)))})
+        'gaussian_fit': metrics(*context.evaluator(evaluation.quantize_samples(fake)))})
   if ec.enable_bpd and config.data.num_bits:
     fit_data = _dequantize_eval(jax.random.PRNGKey(config.seed + 9), train, config.data.centered,
                                 config.data.num_bits)
@@ -988,6 +987,57 @@ def _bpd_passes(config, comp, fn, width):
   return map_over_processes(one_batch, max(ec.bpd_num_repeats, 1) * num_batches, (width,))
 
 
+def bpd_protocol(config, comp) -> dict:
+  """How the report's bits/dim were computed, so that they compare with the paper's."""
+  ec, num_bits = config.eval, config.data.num_bits
+  n, _ = _eval_batch_count(comp, ec.bpd_max_examples)
+  return {
+      'split': ec.split, 'num_examples': n, 'passes': max(ec.bpd_num_repeats, 1),
+      'dequantization': (f'uniform: (k + u) / 2^{num_bits}, u ~ U[0, 1), fresh each pass'
+                         if num_bits else 'none (continuous data)'),
+      'offset_bits': likelihood.bits_per_dim_offset(num_bits or None, comp.scaler_slope),
+      'data_range': '[-1, 1]' if config.data.centered else '[0, 1]',
+      'ode': f'probability flow from t = {config.training.eps:g} to T, dopri5 (diffrax), '
+             f'rtol {ec.rtol:g}, atol {ec.atol:g}',
+      'divergence': ec.hutchinson_type if ec.hutchinson_type == 'exact'
+                    else f'Hutchinson-Skilling, one {ec.hutchinson_type} probe per solve',
+      'parameters': 'EMA'}
+
+
+# The feature networks of the reference's FID/IS (REFERENCE.md section 12) and how ours
+# relates to them, by image size.
+_COMPARABILITY_SMALL = (
+    'pytorch-fid port of the Inception the reference used at 32 and 64 px (tf-gan, 2015 '
+    'weights), with a torch-style resize: pytorch-fid reports FIDs that differ slightly '
+    'from the TF implementation (about 0.08 absolute in its example).')
+_COMPARABILITY_LARGE = (
+    'NOT comparable with the reference: at 256 px and above it used TF-Hub\'s ImageNet '
+    'inception_v3 feature vector (another network) on [0, 1] inputs, and reported no IS.')
+
+
+def sample_protocol(config, workdir, evaluator, image_size: int) -> dict:
+  """How the report's FID/KID/IS were computed: network and weight hash, resize,
+  quantization, sample count, reference statistics and their hash, and how the numbers
+  relate to the paper's."""
+  ec = config.eval
+  path = stats_path(config, workdir)
+  out = dict(evaluator.protocol())
+  out.update(
+      quantization=f'{evaluation.SAMPLE_QUANTIZATION}: clip(255 x, 0, 255) cast to uint8 '
+                   '(the reference\'s rule); real images round(255 x)',
+      num_samples=config.sampling.num_samples,
+      reference_statistics=os.path.abspath(path),
+      reference_statistics_sha256=evaluation.file_sha256(path),
+      inception_score_splits=ec.is_splits,
+      kid=f'unbiased MMD^2, cubic kernel, {ec.kid_subsets} subsets of {ec.kid_subset_size}')
+  if evaluator.name == 'inception':
+    out['comparable_with_paper'] = (_COMPARABILITY_LARGE if image_size >= 256
+                                    else _COMPARABILITY_SMALL)
+  else:
+    out['comparable_with_paper'] = 'no: the digits classifier is this codebase\'s own network'
+  return out
+
+
 def bpd_input(config, key, x):
   """What the likelihood sees of a test batch x: quantized data (data.num_bits > 0, every
   image dataset) uniformly dequantized with ``key``, whatever data.uniform_dequantization
@@ -1045,6 +1095,7 @@ def _evaluate_checkpoint(config, comp, state, step, workdir, context=None):
     report['bpd_stderr'] = float(bpd.std() / np.sqrt(len(bpd)))
     report['nfe_likelihood'] = float(np.mean([r[0, 2] for r in results]))
     report['test_logp_model'] = float(np.concatenate([r[:, 1] for r in results]).mean())
+    report['bpd_protocol'] = bpd_protocol(config, comp)
     if context.bpd_baselines:
       report['bpd_baselines'] = context.bpd_baselines
   if ec.enable_sampling:
@@ -1055,7 +1106,7 @@ def _evaluate_checkpoint(config, comp, state, step, workdir, context=None):
     def summarize(x, r):
       if r == 0:
         plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
-      features, logits = context.evaluator(evaluation.quantize_images(inverse(x)))
+      features, logits = context.evaluator(evaluation.quantize_samples(inverse(x)))
       return np.concatenate([features, logits], axis=-1)
 
     round_dir = _round_dir(config, workdir, step)
@@ -1070,6 +1121,7 @@ def _evaluate_checkpoint(config, comp, state, step, workdir, context=None):
           kid_subsets=ec.kid_subsets, kid_subset_size=ec.kid_subset_size,
           is_splits=ec.is_splits, seed=config.seed))
       report['sample_features'] = ev.name
+      report['sample_protocol'] = sample_protocol(config, workdir, ev, comp.data_shape[0])
       if context.sample_baselines:
         report['sample_baselines'] = context.sample_baselines
       report.update(num_samples=len(out), nfe_sampling=nfe, samples_png=os.path.abspath(png))

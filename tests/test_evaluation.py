@@ -129,6 +129,50 @@ def test_inception_score_matches_numpy_and_limits():
   np.testing.assert_allclose(evaluation.inception_score(constant, splits=10), (1., 0.), atol=1e-9)
 
 
+def test_inception_score_defaults_to_one_split_over_all_samples():
+  """The reference's protocol: tf-gan's classifier_score_from_logits over all samples,
+  exp(E_x KL(p(y|x) || p(y))) with p(y) the mean over every sample. Ten splits (the old
+  default) read systematically lower: each part's marginal is nearer its own samples."""
+  rng = np.random.default_rng(7)
+  logits = 2. * rng.standard_normal((2000, 10))
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  marginal = p.mean(0)
+  want = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), axis=1)))
+  score, std = evaluation.inception_score(logits)
+  np.testing.assert_allclose(score, want, rtol=1e-10)
+  assert std == 0.
+  assert evaluation.inception_score(logits, splits=10)[0] < score
+  # The report leaves out a spread that one split cannot have.
+  reference = evaluation.FeatureReference(np.zeros(3), np.eye(3), np.zeros((4, 3)), 4)
+  metrics = evaluation.sample_metrics(np.zeros((2000, 3)), logits, reference,
+                                      metrics=('inception_score',))
+  assert metrics['inception_score'] == pytest.approx(want, rel=1e-10)
+  assert 'inception_score_std' not in metrics
+  metrics = evaluation.sample_metrics(np.zeros((2000, 3)), logits, reference, is_splits=10,
+                                      metrics=('inception_score',))
+  assert metrics['inception_score_std'] > 0
+
+
+def test_samples_quantize_by_the_reference_floor_and_real_images_round_back():
+  rng = np.random.default_rng(8)
+  x = np.concatenate([rng.uniform(-0.1, 1.1, 5000), [0.9990, 0.5 / 255, 254.7 / 255, 1.0, 0.0]])
+  x = x.astype(np.float32)
+  reference_rule = np.clip(x * 255, 0, 255).astype(np.uint8)   # score_sde's samples -> uint8
+  np.testing.assert_array_equal(evaluation.quantize_samples(x), reference_rule)
+  assert evaluation.quantize_samples(np.float32([254.7 / 255]))[0] == 254   # round gives 255
+  assert evaluation.SAMPLE_QUANTIZATION == 'floor'
+  # Real images stored as k / 255 come back to k, also after centering to [-1, 1] and back,
+  # where a floor loses a level on some k.
+  k = np.arange(256)
+  centered = np.asarray(jnp.asarray(k, jnp.float32) / 255. * 2. - 1.)
+  back = (centered + 1) / 2
+  np.testing.assert_array_equal(evaluation.quantize_images(back), k)
+  assert (np.floor(back * 255) != k).any()
+  with pytest.raises(ValueError, match="rule='nearest'"):
+    evaluation.quantize_images(x, 'nearest')
+
+
 # ----------------------------------------------------------------------------- Inception
 
 

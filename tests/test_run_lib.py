@@ -1,5 +1,6 @@
 """The entry point end to end: training quality, exact resume after SIGKILL, sharding, reports."""
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -330,7 +332,19 @@ def test_digits_eval_report_with_baselines_resumes_after_a_kill(data_dir, tmp_pa
   base = report['bpd_baselines']
   assert base['gaussian_mixture']['bpd'] < base['diagonal_gaussian']['bpd'] < 8
   assert all(0 < b['bpd_stderr'] < 0.2 for b in base.values())
-  assert os.path.exists(os.path.join(workdir, 'stats', 'digits_train_all_nativepx_digits.npz'))
+  stats = os.path.join(workdir, 'stats', 'digits_train_all_nativepx_digits.npz')
+  assert os.path.exists(stats)
+  # The report says how each number was computed.
+  import evaluation
+  protocol = report['sample_protocol']
+  assert protocol['reference_statistics'] == stats
+  assert protocol['reference_statistics_sha256'] == evaluation.file_sha256(stats)
+  assert protocol['weights_sha256'] == evaluation.file_sha256(evaluation.DIGITS_CLASSIFIER_PATH)
+  assert protocol['quantization'].startswith('floor') and protocol['num_samples'] == 40
+  assert protocol['inception_score_splits'] == 1 and 'inception_score_std' not in report
+  bpd = report['bpd_protocol']
+  assert bpd['offset_bits'] == (7 if config.data.centered else 8) and bpd['passes'] == 2 and bpd['num_examples'] == 32
+  assert bpd['dequantization'].startswith('uniform') and bpd['parameters'] == 'EMA'
 
   # Killed after the first sampling round: the rerun draws only the missing rounds and gives
   # the uninterrupted numbers.
@@ -355,8 +369,7 @@ def test_digits_eval_report_with_baselines_resumes_after_a_kill(data_dir, tmp_pa
   resumed = run_lib._evaluate_checkpoint(config, comp._replace(sampler=sampler), state, 2, killed,
                                          context)
   assert len(calls) == 2   # rounds 1 and 2 (8 samples) only
-  for key in ('fid', 'kid', 'kid_std', 'inception_score', 'inception_score_std', 'num_samples',
-              'nfe_sampling'):
+  for key in ('fid', 'kid', 'kid_std', 'inception_score', 'num_samples', 'nfe_sampling'):
     np.testing.assert_allclose(resumed[key], report[key], rtol=1e-6, err_msg=key)
 
 
@@ -425,7 +438,6 @@ def test_eval_dequantizes_and_runs_the_network_without_dropout(data_dir, tmp_pat
   """Through run_lib.evaluate: with data.uniform_dequantization off (as CIFAR-10), the batches
   that reach the likelihood are off the 8-bit grid; and the eval loss runs the network in
   evaluation mode, so it does not depend on the dropout rate."""
-  import jax.numpy as jnp
   import likelihood
   config = _tiny_digits_config(data_dir)
   config.data.uniform_dequantization = False
@@ -451,3 +463,59 @@ def test_eval_dequantizes_and_runs_the_network_without_dropout(data_dir, tmp_pat
   assert x.shape[0] == 2 * 32
   on_grid = np.abs(x * 255 - np.round(x * 255)) < 1e-3
   assert on_grid.mean() < 0.01
+
+
+def test_eval_features_see_samples_floored_to_uint8(data_dir, tmp_path):
+  """Samples at (k + 0.6) / 255 reach the feature network as k (the reference's floor; a
+  rounding would give k + 1)."""
+  config = _tiny_digits_config(data_dir)
+  config.eval.update(enable_loss=False, enable_bpd=False, enable_baselines=False)
+  comp = run_lib.build(config)
+  state = run_lib.init_state(config, comp)
+  k = np.random.default_rng(0).integers(0, 255, (16,) + comp.data_shape)
+  x = (k + 0.6) / 255.
+  x = 2 * x - 1 if config.data.centered else x   # the model's range
+
+  def sampler(key, score_fn):
+    return jnp.asarray(x, jnp.float32), 1
+
+  context = run_lib._eval_context(config, comp, str(tmp_path))
+  seen = []
+
+  class Spy:
+    name, feature_dim, num_classes = 'digits', 64, 10
+
+    def __call__(self, images):
+      seen.append(np.asarray(images))
+      return context.evaluator(images)
+
+    def protocol(self):
+      return context.evaluator.protocol()
+
+  run_lib._evaluate_checkpoint(config, comp._replace(sampler=sampler), state, 2, str(tmp_path),
+                               context._replace(evaluator=Spy()))
+  assert seen and all(s.dtype == np.uint8 for s in seen)
+  np.testing.assert_array_equal(seen[0], k)
+
+
+def test_sample_protocol_says_when_fid_is_not_the_papers(tmp_path):
+  """At 256 px and above the reference used another Inception (TF-Hub's ImageNet feature
+  vector) and no IS: the report says so; at 32 px it names pytorch-fid's port."""
+  from configs.ve import bedroom_ncsnpp_continuous, cifar10
+  stats = tmp_path / 'stats.npz'
+  stats.write_bytes(b'statistics')
+
+  class FakeInception:
+    name = 'inception'
+
+    def protocol(self):
+      return {'network': 'FID Inception-v3', 'weights_sha256': '0' * 64}
+
+  for module, size, phrase in ((cifar10, 32, 'pytorch-fid port'),
+                               (bedroom_ncsnpp_continuous, 256, 'NOT comparable')):
+    config = module.get_config()
+    config.eval.stats_path = str(stats)
+    protocol = run_lib.sample_protocol(config, str(tmp_path), FakeInception(), size)
+    assert phrase in protocol['comparable_with_paper']
+    assert protocol['reference_statistics_sha256'] == hashlib.sha256(b'statistics').hexdigest()
+    assert protocol['num_samples'] == config.sampling.num_samples
