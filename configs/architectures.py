@@ -3,6 +3,7 @@
 Values follow the reference configurations (score_sde, Song et al. 2021); each
 function sets the ``model`` section of a config in place and returns the config.
 """
+from configs import base
 
 
 def _ncsnpp_common(model):
@@ -110,7 +111,7 @@ def ncsn(config):
 
 def _ncsn_training(config):
   """NCSN/NCSNv2 training and sampling: SMLD loss, no warm-up, no clipping, annealed Langevin."""
-  config.sde.name = 'vesde'
+  base.set_sde(config, 'vesde')
   config.training.loss = 'smld'
   config.optim.warmup = 0
   config.optim.grad_clip = 0.0

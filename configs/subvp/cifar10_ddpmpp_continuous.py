@@ -1,11 +1,12 @@
 """DDPM++ on CIFAR-10 under the sub-VP SDE, continuous."""
 from configs import architectures
+from configs import base
 from configs import cifar10_base
 
 
 def get_config():
   config = cifar10_base.get_config()
-  config.sde.name = 'subvpsde'
+  base.set_sde(config, 'subvpsde')
   cifar10_base.vp_training(config)
   architectures.ddpmpp(config)
   return config

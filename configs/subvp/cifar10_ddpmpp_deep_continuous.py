@@ -1,11 +1,12 @@
 """DDPM++ deep on CIFAR-10, sub-VP, continuous: FID 2.41, 2.99 bits/dim."""
 from configs import architectures
+from configs import base
 from configs import cifar10_base
 
 
 def get_config():
   config = cifar10_base.get_config()
-  config.sde.name = 'subvpsde'
+  base.set_sde(config, 'subvpsde')
   cifar10_base.vp_training(config)
   architectures.ddpmpp(config, deep=True)
   config.training.n_iters = 950_000

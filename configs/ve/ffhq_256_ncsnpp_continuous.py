@@ -1,11 +1,12 @@
 """NCSN++ 256 on FFHQ 256 (TFRecords), VE, continuous: the LSUN settings with sigma_max 348."""
 from configs import architectures
+from configs import base
 from configs import lsun_base
 
 
 def get_config():
   config = lsun_base.get_config()
-  config.sde.name = 'vesde'
+  base.set_sde(config, 'vesde')
   config.eval.split = 'train'         # the TFRecords hold one split
   config.data.dataset = 'ffhq'
   architectures.ncsnpp_256(config)

@@ -1,11 +1,12 @@
 """NCSN++ deep (positional) on CIFAR-10, VP, continuous."""
 from configs import architectures
+from configs import base
 from configs import cifar10_base
 
 
 def get_config():
   config = cifar10_base.get_config()
-  config.sde.name = 'vpsde'
+  base.set_sde(config, 'vpsde')
   cifar10_base.vp_training(config)
   architectures.ncsnpp(config, deep=True, embedding='positional')
   config.training.n_iters = 950_000

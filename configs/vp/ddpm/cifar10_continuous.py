@@ -1,11 +1,12 @@
 """The DDPM U-Net trained on the continuous VP SDE."""
 from configs import architectures
+from configs import base
 from configs import cifar10_base
 
 
 def get_config():
   config = cifar10_base.get_config()
-  config.sde.name = 'vpsde'
+  base.set_sde(config, 'vpsde')
   cifar10_base.vp_training(config)
   architectures.ddpm(config)
   return config
