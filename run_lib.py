@@ -348,7 +348,19 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(devices, ('data',))
 
 
-def make_train_step(comp: Components, ema_rate: float, seed: int, unroll: bool | None = None):
+def ema_decay(ema_rate: float, step, warmup: bool = False):
+  """The EMA decay of update number step + 1: ema_rate, or with ``warmup`` the PyTorch
+  reference's min(ema_rate, (1 + n) / (10 + n)), n = step + 1 (score_sde in JAX uses the
+  fixed rate). The warm-up forgets the random initialization within a few hundred steps;
+  the fixed rate keeps a share ema_rate^n of it."""
+  if not warmup:
+    return ema_rate
+  n = (step + 1).astype(jnp.float32)
+  return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(comp: Components, ema_rate: float, seed: int, unroll: bool | None = None,
+                    ema_warmup: bool = False):
   """Steps of loss, gradients, optimizer update and EMA over ``[steps, batch, ...]`` batches.
 
   Keys are folded with the step. ``unroll`` writes the steps out instead of looping
@@ -365,7 +377,8 @@ def make_train_step(comp: Components, ema_rate: float, seed: int, unroll: bool |
     loss, grads = jax.value_and_grad(comp.loss_fn)(state.params, key, batch)
     updates, opt_state = comp.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+    decay = ema_decay(ema_rate, state.step, ema_warmup)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return TrainState(state.step + 1, params, ema, opt_state), loss
 
   def multi_step(state, batches):
@@ -384,7 +397,8 @@ def make_train_step(comp: Components, ema_rate: float, seed: int, unroll: bool |
 def compile_train_step(comp, config, mesh, unroll: bool | None = None):
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(None, 'data'))   # [steps_per_call, batch, ...]
-  fn = make_train_step(comp, config.model.ema_rate, config.seed, unroll)
+  fn = make_train_step(comp, config.model.ema_rate, config.seed, unroll,
+                       config.model.ema_warmup)
   return jax.jit(fn, in_shardings=(replicated, batch_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
 

@@ -46,6 +46,8 @@ def get_base_config():
   config.model = model = ml_collections.ConfigDict()
   model.name = 'mlp'                  # mlp | unet | ncsnpp | ddpm | ncsnv2_64 | ncsnv2_128 | ncsnv2_256 | ncsn
   model.ema_rate = 0.999
+  model.ema_warmup = True             # decay min(ema_rate, (1 + n) / (10 + n)), as score_sde_pytorch:
+                                      # short runs forget the random init (benchmarks/ema_warmup_benchmark.py)
   model.hidden = (128, 128, 128)      # mlp
   model.embed_dim = 64                # mlp, unet: size of the time embedding
   model.nf = 32                       # base width (unet, ncsnpp, ddpm, ncsn, ncsnv2)
@@ -117,6 +119,7 @@ def get_base_config():
   evaluate.enable_loss = True
   evaluate.enable_bpd = True
   evaluate.bpd_num_repeats = 1        # passes over the test split (5 for dequantized images)
+                                      # quantized data (data.num_bits > 0) are always dequantized
   evaluate.bpd_max_examples = 2000    # 0: the whole test split
   evaluate.hutchinson_type = 'rademacher'
   evaluate.rtol = 1e-5
@@ -134,7 +137,7 @@ def get_base_config():
   evaluate.stats_kid_features = 10_000  # feature rows kept for KID (a seeded subset beyond that)
   evaluate.kid_subsets = 100
   evaluate.kid_subset_size = 1000
-  evaluate.is_splits = 10
+  evaluate.is_splits = 1              # IS over all samples at once (tf-gan, the reference); 10 splits read lower
   # Baselines (meant for small data such as digits): sample metrics of held-out real images
   # (eval.split, the floor) and of a Gaussian fit to the training split (the ceiling); with
   # enable_bpd, the bits/dim of a diagonal Gaussian and a Gaussian mixture fit to the

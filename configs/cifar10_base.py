@@ -21,6 +21,7 @@ def get_config():
   training.snapshot_keep = 30
 
   config.model.dropout = 0.1
+  config.model.ema_warmup = False     # the paper's runs (score_sde in JAX): a fixed EMA decay
   config.optim.lr = 2e-4
   config.optim.warmup = 5000
   config.optim.grad_clip = 1.0
