@@ -373,8 +373,8 @@ def _read_archive(archive: zipfile.ZipFile, path: str):
 
 
 def _model_and_inputs(config):
-  import run_lib
-  model = run_lib.make_model(config)
+  import builder
+  model = builder.make_model(config)
   shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
   return model, jnp.zeros(shape, jnp.float32), jnp.zeros((1,), jnp.float32)
 
@@ -662,13 +662,14 @@ def import_checkpoint(path: str, config) -> dict:
 
 def write_workdir(config, imported: dict, workdir: str) -> str:
   """Saves the imported state as our checkpoint at its step; returns its directory."""
-  import run_lib
-  comp = run_lib.build_components(
+  import builder
+  import train_lib
+  comp = builder.build_components(
       config, (config.data.image_size, config.data.image_size, config.data.num_channels))
   params = {'params': imported['params']}
-  state = run_lib.TrainState(jnp.asarray(imported['step'], jnp.int32), params,
+  state = train_lib.TrainState(jnp.asarray(imported['step'], jnp.int32), params,
                              {'params': imported['ema_params']}, comp.optimizer.init(params))
-  ckpts = run_lib.Checkpoints(workdir, config.training.snapshot_keep)
+  ckpts = train_lib.Checkpoints(workdir, config.training.snapshot_keep)
   ckpts.save(ckpts.snapshots, imported['step'], state)
   ckpts.wait()
   ckpts.close()
@@ -688,8 +689,8 @@ def main(argv):
   del argv
   from absl import logging
   config = FLAGS.config
-  import run_lib
-  run_lib.validate_config(config, num_devices=1)
+  import builder
+  builder.validate_config(config, num_devices=1)
   step, where = import_into_workdir(config, FLAGS.checkpoint, FLAGS.workdir)
   logging.info('Imported %s (step %d) into %s', FLAGS.checkpoint, step, where)
   print(f'imported step {step} -> {where}')

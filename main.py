@@ -1,6 +1,6 @@
 """Entry point: python main.py --config CONFIG --workdir DIR --mode train|eval|sample|stats|all.
 
---mode stats computes the dataset statistics that FID/KID compare with (run_lib.compute_stats):
+--mode stats computes the dataset statistics that FID/KID compare with (eval_lib.compute_stats):
 once per dataset, before eval on image data (digits compute theirs on the fly).
 
 Several hosts (TPU pods, GPU clusters): start the same command on every host with

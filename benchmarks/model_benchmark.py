@@ -3,7 +3,7 @@
 
 For each config, batch size and compute dtype (config model.dtype: float32, or bfloat16
 mixed precision with float32 parameters): compile seconds, seconds per forward pass
-(the score network's apply, eval mode) and per training step (run_lib's compiled step:
+(the score network's apply, eval mode) and per training step (train_lib's compiled step:
 loss with dropout, gradients, optimizer, EMA; exactly what `main.py --mode train` runs,
 one step per call), images per second, the memory XLA plans for each compiled function
 (arguments + outputs + temporaries - aliased, from ``memory_analysis()``; on GPU also the
@@ -52,7 +52,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import losses  # noqa: E402
-import run_lib  # noqa: E402
+import builder  # noqa: E402
+import parallel  # noqa: E402
+import train_lib  # noqa: E402
 from models import score as score_lib  # noqa: E402
 
 # Forward GFLOP per 32x32 image (multiply-adds x 2) of the reference models, from a FLOP
@@ -92,7 +94,7 @@ def _random_state(config, comp, seed=0):
   """A train state of init_state's shapes: N(0, 1/fan_in) kernels (no init compile; the
   values do not change the timing), EMA a copy, fresh optimizer state. The parameters are
   float32 for both dtypes."""
-  shapes = jax.eval_shape(lambda: run_lib.init_state(config, comp))
+  shapes = jax.eval_shape(lambda: train_lib.init_state(config, comp))
   rng = np.random.default_rng(seed)
 
   def fill(leaf):
@@ -103,7 +105,7 @@ def _random_state(config, comp, seed=0):
     return jnp.asarray(value if leaf.ndim > 1 else 0.01 * value, leaf.dtype)
 
   params = jax.tree.map(fill, shapes.params)
-  return run_lib.TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params),
+  return train_lib.TrainState(jnp.zeros((), jnp.int32), params, jax.tree.map(jnp.copy, params),
                             comp.optimizer.init(params))
 
 
@@ -151,7 +153,7 @@ def measure(name, batch, dtype, repeats, warmup, tiny):
   """
   config = _load_config(name, dtype, tiny)
   size, channels = config.data.image_size, config.data.num_channels
-  comp = run_lib.build_components(config, (size, size, channels))
+  comp = builder.build_components(config, (size, size, channels))
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.uniform(size=(batch, size, size, channels)), jnp.float32)
   continuous = config.training.loss not in losses.DISCRETE_LOSSES
@@ -171,13 +173,13 @@ def measure(name, batch, dtype, repeats, warmup, tiny):
       jax.block_until_ready(out)
     return (time.perf_counter() - t0) / repeats, out
 
-  # Training step: run_lib's compiled step (state donated), one step per call, compiled
+  # Training step: train_lib's compiled step (state donated), one step per call, compiled
   # from abstract shapes so that nothing is allocated before the plan is known.
-  mesh = run_lib.make_mesh()
-  step_fn, batch_sharding = run_lib.compile_train_step(comp, config, mesh)
+  mesh = parallel.make_mesh()
+  step_fn, batch_sharding = train_lib.compile_train_step(comp, config, mesh)
   replicated = NamedSharding(mesh, P())
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                        jax.eval_shape(lambda: run_lib.init_state(config, comp)))
+                        jax.eval_shape(lambda: train_lib.init_state(config, comp)))
   batches = jax.device_put({'image': x[None]}, batch_sharding)
   t0 = time.perf_counter()
   step = step_fn.lower(shapes, batches).compile()

@@ -3,7 +3,7 @@
 
 For each config: steps per second of the compiled, sharded train step (after a warm-up
 call that compiles), with 1 and with 10 steps per compiled call; the baseline is one
-step per call in the same run. On CPU the steps of a call are unrolled (run_lib's
+step per call in the same run. On CPU the steps of a call are unrolled (train_lib's
 default there); the 'rolled' rows run the same steps inside a loop (lax.scan without
 unrolling, the default on accelerators), to measure what unrolling buys on this backend.
 Then, unless --skip_readme, the README's first command is run in a fresh workdir and
@@ -30,7 +30,9 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import run_lib  # noqa: E402
+import builder  # noqa: E402
+import parallel  # noqa: E402
+import train_lib  # noqa: E402
 from configs.toy import mixture  # noqa: E402
 from configs.vp import digits  # noqa: E402
 
@@ -39,16 +41,16 @@ README_COMMAND = [sys.executable, 'main.py', '--config', 'configs/toy/mixture.py
 
 def steps_per_second(config, steps, steps_per_call, unroll=None):
   config.training.steps_per_call = steps_per_call
-  comp = run_lib.build(config)
-  mesh = run_lib.make_mesh()
-  step_fn, sharding = run_lib.compile_train_step(comp, config, mesh, unroll)
-  state = jax.device_put(run_lib.init_state(config, comp), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  state, loss = step_fn(state, run_lib.global_batches(comp, 0, steps_per_call, sharding))   # compile
+  comp = builder.build(config)
+  mesh = parallel.make_mesh()
+  step_fn, sharding = train_lib.compile_train_step(comp, config, mesh, unroll)
+  state = jax.device_put(train_lib.init_state(config, comp), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state, loss = step_fn(state, train_lib.global_batches(comp, 0, steps_per_call, sharding))   # compile
   jax.block_until_ready(loss)
   t0 = time.perf_counter()
   done = 0
   while done < steps:
-    batches = run_lib.global_batches(comp, steps_per_call + done, steps_per_call, sharding)
+    batches = train_lib.global_batches(comp, steps_per_call + done, steps_per_call, sharding)
     state, loss = step_fn(state, batches)
     np.asarray(loss)   # the training loop reads the loss every call (NaN check)
     done += steps_per_call

@@ -1,4 +1,4 @@
-"""Converts pytorch-fid's FID Inception weights (.pth) into evaluation.InceptionV3 variables.
+"""Converts pytorch-fid's FID Inception weights (.pth) into inception.InceptionV3 variables.
 
     wget https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/\
 pt_inception-2015-12-05-6726825d.pth
@@ -24,6 +24,7 @@ import flax.serialization  # noqa: E402
 import numpy as np  # noqa: E402
 
 import evaluation  # noqa: E402
+from models import inception  # noqa: E402
 
 
 def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -41,8 +42,8 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def convert(state_dict: dict[str, np.ndarray]) -> bytes:
   """State dict -> msgpack bytes of InceptionV3 variables, checked by converting back."""
-  variables = evaluation.inception_variables_from_torch(state_dict)
-  back = evaluation.inception_state_dict(variables)
+  variables = inception.inception_variables_from_torch(state_dict)
+  back = inception.inception_state_dict(variables)
   expected = {k: v for k, v in state_dict.items()
               if not k.startswith('AuxLogits.') and not k.endswith('num_batches_tracked')}
   if set(back) != set(expected):

@@ -22,12 +22,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import evaluation  # noqa: E402
+from models import digits_classifier  # noqa: E402
 
 
 def train(images, labels, *, seed: int, epochs: int, batch_size: int, lr: float,
           weight_decay: float):
   """Adam(W) on cross-entropy with random one-pixel shifts; returns the params."""
-  model = evaluation.DigitsClassifier()
+  model = digits_classifier.DigitsClassifier()
   params = model.init(jax.random.PRNGKey(seed), images[:1])['params']
   steps = epochs * (len(images) // batch_size)
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)

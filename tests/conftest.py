@@ -28,6 +28,12 @@ def x64():
 
 
 @pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """Where the embedded datasets (toy, digits) are generated once for the whole session."""
+  return str(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='session')
 def mixture():
   return gaussian_mixture.two_dimensional_example()
 

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import builder
 import checkpoint_import
-import run_lib
+import eval_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 REL_TOL = 1e-4
@@ -45,7 +46,7 @@ def _fixture(kind, tag):
 
 
 def _apply(config, params, x, labels):
-  model = run_lib.make_model(config)
+  model = builder.make_model(config)
   return np.asarray(jax.jit(model.apply)({'params': params}, jnp.asarray(x), jnp.asarray(labels)))
 
 
@@ -288,13 +289,13 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
 
 
 def test_command_line_writes_a_workdir_that_eval_restores(tmp_path):
-  """The CLI's checkpoint restores through run_lib (as sample/eval/train do) with the
+  """The CLI's checkpoint restores through eval_lib (as sample/eval/train do) with the
   imported step, model and EMA parameters, and an optimizer state that fits the config."""
   config, data, path = _fixture('torch', 've_ncsnpp_continuous')
   imported = checkpoint_import.import_checkpoint(path, config)
   checkpoint_import.write_workdir(config, imported, str(tmp_path))
-  comp = run_lib.build_components(config, (16, 16, 3))
-  state, step = run_lib._restore_for_eval(config, comp, str(tmp_path))
+  comp = builder.build_components(config, (16, 16, 3))
+  state, step = eval_lib.restore_for_eval(config, comp, str(tmp_path))
   assert step == 7 and int(state.step) == 7
   _assert_close(_apply(config, state.ema_params['params'], data['x'], data['labels']),
                 data['out_ema'])

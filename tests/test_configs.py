@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import builder
+import losses
 import reference_configs
-import run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NOT_CONFIGS = ('base.py', 'architectures.py', '__init__.py')
@@ -88,9 +89,9 @@ def _parameter_count(config):
   key = json.dumps([config.model.to_dict(), config.sde.to_dict(), _shape(config),
                     config.training.loss], sort_keys=True, default=str)
   if key not in _COUNTS:
-    model = run_lib.make_model(config)
+    model = builder.make_model(config)
     x = jax.ShapeDtypeStruct((1,) + _shape(config), jnp.float32)
-    discrete = config.training.loss in run_lib.losses.DISCRETE_LOSSES
+    discrete = config.training.loss in losses.DISCRETE_LOSSES
     t = jax.ShapeDtypeStruct((1,), jnp.int32 if discrete else jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
     _COUNTS[key] = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
@@ -100,8 +101,8 @@ def _parameter_count(config):
 @pytest.mark.parametrize('path', CONFIG_FILES)
 def test_config_loads_validates_and_builds_its_network(path):
   config = _load(path)
-  run_lib.validate_config(config, num_devices=1)
-  assert run_lib.make_model(config) is not None
+  builder.validate_config(config, num_devices=1)
+  assert builder.make_model(config) is not None
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_PARAMETERS))

@@ -10,6 +10,7 @@ import scipy.linalg
 import scipy.special
 
 import evaluation
+from models import inception
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -180,8 +181,8 @@ def test_resize_bilinear_matches_torch_and_tf1_conventions():
   ramp = jnp.asarray([0., 1.]).reshape(1, 1, 2, 1) * jnp.ones((1, 2, 1, 1))
   # torch F.interpolate(bilinear, align_corners=False) of [0, 1] to 4: [0, .25, .75, 1];
   # TF1 resize_bilinear(align_corners=False): [0, .5, 1, 1].
-  torch_like = evaluation.resize_bilinear(ramp, 4, half_pixel_centers=True)
-  tf1_like = evaluation.resize_bilinear(ramp, 4, half_pixel_centers=False)
+  torch_like = inception.resize_bilinear(ramp, 4, half_pixel_centers=True)
+  tf1_like = inception.resize_bilinear(ramp, 4, half_pixel_centers=False)
   np.testing.assert_allclose(torch_like[0, 0, :, 0], [0., .25, .75, 1.], atol=1e-7)
   np.testing.assert_allclose(tf1_like[0, 0, :, 0], [0., .5, 1., 1.], atol=1e-7)
 
@@ -189,7 +190,7 @@ def test_resize_bilinear_matches_torch_and_tf1_conventions():
 def test_resize_bilinear_to_299_matches_pointwise_reference():
   rng = np.random.default_rng(7)
   image = rng.uniform(0., 255., (1, 8, 6, 3))
-  out = np.asarray(evaluation.resize_bilinear(image, 299))
+  out = np.asarray(inception.resize_bilinear(image, 299))
   assert out.shape == (1, 299, 299, 3)
 
   def source(i, n_in):   # torch's area_pixel_compute_source_index + clamping
@@ -204,7 +205,7 @@ def test_resize_bilinear_to_299_matches_pointwise_reference():
     expected = ((1 - wy) * ((1 - wx) * img[y0, x0] + wx * img[y0, x1])
                 + wy * ((1 - wx) * img[y1, x0] + wx * img[y1, x1]))
     np.testing.assert_allclose(out[0, i, j], expected, rtol=1e-5)
-  const = np.asarray(evaluation.resize_bilinear(np.full((1, 5, 5, 1), 7.), 299))
+  const = np.asarray(inception.resize_bilinear(np.full((1, 5, 5, 1), 7.), 299))
   np.testing.assert_allclose(const, 7., rtol=1e-6)
 
 
@@ -268,9 +269,9 @@ def random_state_dict():
 
 
 def test_weight_conversion_round_trip(random_state_dict):
-  variables = evaluation.inception_variables_from_torch(random_state_dict)
+  variables = inception.inception_variables_from_torch(random_state_dict)
   # Every tensor has the model's shape, and nothing is missing or extra.
-  expected = jax.eval_shape(evaluation.InceptionV3(resize=False).init, jax.random.PRNGKey(0),
+  expected = jax.eval_shape(inception.InceptionV3(resize=False).init, jax.random.PRNGKey(0),
                             jnp.zeros((1, 75, 75, 3)))
   shapes = jax.tree.map(lambda a: a.shape, variables)
   assert shapes == jax.tree.map(lambda a: a.shape, dict(expected))
@@ -288,7 +289,7 @@ def test_weight_conversion_round_trip(random_state_dict):
   # And back, through the serialized file format.
   import flax.serialization
   restored = flax.serialization.msgpack_restore(flax.serialization.msgpack_serialize(variables))
-  back = evaluation.inception_state_dict(restored)
+  back = inception.inception_state_dict(restored)
   kept = {k: v for k, v in s.items() if not k.endswith('num_batches_tracked')}
   assert set(back) == set(kept)
   for k, v in kept.items():
@@ -310,9 +311,9 @@ def test_converter_script_round_trip(random_state_dict):
 
 
 def test_inception_output_shapes_at_small_input(random_state_dict):
-  variables = evaluation.inception_variables_from_torch(random_state_dict)
+  variables = inception.inception_variables_from_torch(random_state_dict)
   images = np.random.default_rng(9).uniform(0., 255., (2, 75, 75, 3)).astype(np.float32)
-  pool3, logits = jax.jit(evaluation.InceptionV3(resize=False).apply)(variables, images)
+  pool3, logits = jax.jit(inception.InceptionV3(resize=False).apply)(variables, images)
   assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
   assert np.all(np.isfinite(pool3)) and np.all(np.isfinite(logits))
   assert np.all(np.asarray(pool3) >= 0.)   # a mean of ReLU outputs
@@ -320,7 +321,7 @@ def test_inception_output_shapes_at_small_input(random_state_dict):
 
 def test_fid_blocks_pool_without_padding():
   x = jnp.arange(9.).reshape(1, 3, 3, 1)
-  pooled = evaluation._avg_pool_3x3(x)
+  pooled = inception.avg_pool_3x3(x)
   np.testing.assert_allclose(pooled[0, 0, 0, 0], (0. + 1. + 3. + 4.) / 4.)   # not / 9
 
 
@@ -410,6 +411,7 @@ def test_stats_mode_on_mock_cifar10_with_random_inception_weights(random_state_d
   missing file. Random weights and 75 px inputs: plumbing only, no number here means anything."""
   import flax.serialization
   import tensorflow_datasets as tfds
+  import eval_lib
   import run_lib
   from configs.ve import cifar10_ncsnpp_continuous as cifar10
   monkeypatch.setattr(evaluation, 'INCEPTION_IMAGE_SIZE', 75)
@@ -428,11 +430,11 @@ def test_stats_mode_on_mock_cifar10_with_random_inception_weights(random_state_d
       run_lib.run(config, workdir, 'stats')
     weights = tmp_path / 'inception.msgpack'
     weights.write_bytes(flax.serialization.msgpack_serialize(
-        evaluation.inception_variables_from_torch(random_state_dict)))
+        inception.inception_variables_from_torch(random_state_dict)))
     (tmp_path / 'inception.msgpack.sha256').write_text(evaluation.file_sha256(weights))
     config.eval.inception_weights = str(weights)
     with pytest.raises(FileNotFoundError, match='--mode stats'):
-      run_lib._load_stats(config, workdir, evaluation.InceptionEvaluator(str(weights)), (32, 32, 3))
+      eval_lib.load_stats(config, workdir, evaluation.InceptionEvaluator(str(weights)), (32, 32, 3))
     [path] = run_lib.run(config, workdir, 'stats')
     raw = np.stack([e['image'] for e in tfds.data_source('cifar10', split='train',
                                                          data_dir=config.data.data_dir)])
@@ -447,10 +449,10 @@ def test_stats_mode_on_mock_cifar10_with_random_inception_weights(random_state_d
   np.testing.assert_allclose(reference.features, features, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(reference.mu, features.mean(0), rtol=1e-4, atol=1e-5)
   # Samples are compared with the saved statistics: identical images give KID ~ 0.
-  loaded = run_lib._load_stats(config, workdir, evaluator, (32, 32, 3))
+  loaded = eval_lib.load_stats(config, workdir, evaluator, (32, 32, 3))
   metrics = evaluation.sample_metrics(features, logits, loaded, is_splits=2,
                                      metrics=('kid', 'inception_score'))   # FID: a 2048^2 eigh
   assert set(metrics) == {'num_samples', 'kid', 'kid_std', 'inception_score',
                           'inception_score_std'} and abs(metrics['kid']) < 1e-3
   with pytest.raises(ValueError, match='image_size=32'):
-    run_lib._load_stats(config, workdir, evaluator, (64, 64, 3))
+    eval_lib.load_stats(config, workdir, evaluator, (64, 64, 3))

@@ -1,0 +1,338 @@
+"""The one place that reads a config: it builds the SDE, model, loss, optimizer and sampler.
+
+``build(config)`` reads the datasets and returns `Components`; ``build_components`` does
+the same from a data shape alone (benchmarks, checkpoint import). Every mode (train, eval,
+sample, stats) builds through here. Random streams are named once here (`stream_key`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import datasets
+import likelihood
+import losses
+import ode_solvers
+import sampling
+import sde_lib
+from models import score as score_lib
+from models.mlp import ScoreMLP
+
+# Named random streams: each use of randomness in a run draws from its own stream,
+# fold_in(PRNGKey(config.seed), STREAMS[name]) (`stream_key`), or an integer seed drawn from
+# it (`stream_seed`), so that two uses can never share a key by accident. Numbers are fixed
+# once: append new streams, never renumber.
+STREAMS = {
+    'data': 0,                 # order and augmentation of the training batches (datasets.py)
+    'init': 1,                 # network initialization
+    'train': 2,                # training steps (folded with the step)
+    'snapshot_samples': 3,     # the picture written at each snapshot
+    'sample': 4,               # --mode sample
+    'eval_loss': 5,            # eval loss (folded with the batch)
+    'eval_bpd': 6,             # dequantization and Hutchinson probes (folded with pass, batch)
+    'eval_samples': 7,         # evaluation samples (folded with the round)
+    'toy_truth': 8,            # true samples the model's are compared with (toy data)
+    'toy_truth_second': 9,     # a second true set: the energy distance floor
+    'gaussian_ceiling': 10,    # samples of the Gaussian fit (the ceiling baseline)
+    'baseline_dequantization': 11,   # the training data the bits/dim baselines are fit to
+    'baseline_fit': 12,        # the Gaussian mixture baseline's initialization
+    'kid_subsets': 13,         # KID's random subsets of the model's features
+    'stats_kid_rows': 14,      # which dataset feature rows --mode stats keeps for KID
+}
+
+
+def stream_key(seed: int, name: str) -> jax.Array:
+  """The PRNG key of the named stream ``name`` of a run with ``seed``."""
+  if name not in STREAMS:
+    raise ValueError(f'Unknown random stream {name!r}; valid: {sorted(STREAMS)}')
+  return jax.random.fold_in(jax.random.PRNGKey(seed), STREAMS[name])
+
+
+def stream_seed(seed: int, name: str) -> int:
+  """A non-negative integer seed (numpy, scikit-learn, datasets) of the named stream."""
+  return int(jax.random.randint(stream_key(seed, name), (), 0, 2**31 - 1))
+
+
+def _check(cond, message):
+  if not cond:
+    raise ValueError(f'Invalid config: {message}')
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None):
+  """Fails with a message that names the field for values the run cannot use."""
+  num_devices = num_devices or jax.device_count()
+  _check(config.sde.name.lower() in sde_lib.SDES,
+         f'sde.name={config.sde.name!r}; valid: {sorted(sde_lib.SDES)}')
+  _check(config.sde.num_scales >= 2, f'sde.num_scales must be >= 2, got {config.sde.num_scales}')
+  _check(config.model.name in MODELS, f'model.name={config.model.name!r}; valid: {sorted(MODELS)}')
+  _check(0 <= config.model.ema_rate < 1, f'model.ema_rate must lie in [0, 1), got {config.model.ema_rate}')
+  _check(config.model.get('dtype', 'float32') in ('float32', 'bfloat16'),
+         f"model.dtype={config.model.get('dtype')!r}; valid: ['float32', 'bfloat16']")
+  _check(config.training.loss in losses.LOSSES,
+         f'training.loss={config.training.loss!r}; valid: {sorted(losses.LOSSES)}')
+  _check(config.training.reduce in losses.REDUCTIONS,
+         f'training.reduce={config.training.reduce!r}; valid: {list(losses.REDUCTIONS)}')
+  if config.training.loss == 'smld':
+    _check(config.sde.name == 'vesde', 'training.loss=smld needs sde.name=vesde')
+  if config.training.loss == 'ddpm':
+    _check(config.sde.name == 'vpsde', 'training.loss=ddpm needs sde.name=vpsde')
+  for field in ('batch_size', 'n_iters', 'steps_per_call', 'log_freq', 'snapshot_freq',
+                'preemption_freq', 'snapshot_keep'):
+    value = config.training[field]
+    _check(value > 0, f'training.{field} must be positive, got {value}')
+  _check(config.training.batch_size % num_devices == 0,
+         f'training.batch_size={config.training.batch_size} is not divisible by the '
+         f'{num_devices} devices')
+  for field in ('preemption_freq', 'snapshot_freq', 'log_freq'):
+    _check(config.training[field] % config.training.steps_per_call == 0,
+           f'training.{field}={config.training[field]} must be a multiple of '
+           f'training.steps_per_call={config.training.steps_per_call}')
+  _check(config.optim.lr > 0, f'optim.lr must be positive, got {config.optim.lr}')
+  _check(config.optim.warmup >= 0, f'optim.warmup must be >= 0, got {config.optim.warmup}')
+  _check(config.optim.grad_clip >= 0, f'optim.grad_clip must be >= 0, got {config.optim.grad_clip}')
+  _check(config.sampling.method in ('pc', 'ode'),
+         f"sampling.method={config.sampling.method!r}; valid: ['pc', 'ode']")
+  _check(config.sampling.predictor in sampling.PREDICTORS,
+         f'sampling.predictor={config.sampling.predictor!r}; valid: {list(sampling.PREDICTORS)}')
+  _check(config.sampling.corrector in sampling.CORRECTORS,
+         f'sampling.corrector={config.sampling.corrector!r}; valid: {list(sampling.CORRECTORS)}')
+  _check(config.sampling.ode_solver in ode_solvers.SOLVERS,
+         f'sampling.ode_solver={config.sampling.ode_solver!r}; valid: {sorted(ode_solvers.SOLVERS)}')
+  for section, field in (('sampling', 'num_samples'), ('sampling', 'batch_size'),
+                         ('eval', 'batch_size')):
+    value = config[section][field]
+    _check(value > 0, f'{section}.{field} must be positive, got {value}')
+  if is_image_data(config):
+    _check(config.data.num_bits > 0,
+           f'data.num_bits={config.data.num_bits} but {config.data.dataset} holds quantized '
+           'images: set the bits per value (8), which bits/dim dequantization needs')
+  _check(config.eval.hutchinson_type in likelihood.HUTCHINSON_TYPES,
+         f'eval.hutchinson_type={config.eval.hutchinson_type!r}; valid: {list(likelihood.HUTCHINSON_TYPES)}')
+
+
+def _make_mlp(config):
+  return ScoreMLP(hidden=tuple(config.model.hidden), embed_dim=config.model.embed_dim)
+
+
+def _make_unet(config):
+  from models.unet import UNet   # imported here: toy runs need no U-Net
+  return UNet(ch=config.model.nf, ch_mult=tuple(config.model.ch_mult),
+              num_res_blocks=config.model.num_res_blocks,
+              attn_resolutions=tuple(config.model.attn_resolutions),
+              dropout=config.model.dropout, embed_dim=config.model.embed_dim)
+
+
+def _make_refinenet(config):
+  """NCSN v1 and NCSNv2 (RefineNets): the SMLD noise levels come from the sde section."""
+  from models import ncsnv2
+  cls = {'ncsn': ncsnv2.NCSN, 'ncsnv2_64': ncsnv2.NCSNv2, 'ncsnv2_128': ncsnv2.NCSNv2_128,
+         'ncsnv2_256': ncsnv2.NCSNv2_256}[config.model.name]
+  m, sde = config.model, config.sde
+  return cls(nf=m.nf, num_scales=sde.num_scales, sigma_min=sde.sigma_min, sigma_max=sde.sigma_max,
+             scale_by_sigma=m.scale_by_sigma, nonlinearity=m.nonlinearity,
+             interpolation=m.interpolation, centered=config.data.centered)
+
+
+# name: (builder, convention). Convention 'ours': models/score.network_score (noise
+# prediction from unit-variance inputs); 'reference': the paper's networks, conditioned
+# as the reference conditions them (models/score.reference_network_score).
+def _discrete_sigmas(config):
+  """The descending noise levels by which discrete VE networks scale their output, else None."""
+  if not (config.model.scale_by_sigma and config.training.loss in losses.DISCRETE_LOSSES):
+    return None
+  sde = config.sde
+  return tuple(float(s) for s in np.geomspace(sde.sigma_max, sde.sigma_min, sde.num_scales))
+
+
+def _make_ncsnpp(config):
+  from models.ncsnpp import NCSNpp
+  m = config.model
+  return NCSNpp(
+      nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+      resamp_with_conv=m.resamp_with_conv, fir=m.fir, fir_kernel=tuple(m.fir_kernel),
+      skip_rescale=m.skip_rescale, resblock_type=m.resblock_type, progressive=m.progressive,
+      progressive_input=m.progressive_input, progressive_combine=m.progressive_combine,
+      embedding_type=m.embedding_type, fourier_scale=m.fourier_scale,
+      scale_by_sigma=m.scale_by_sigma, conditional=m.conditional, init_scale=m.init_scale,
+      nonlinearity=m.nonlinearity, centered=config.data.centered, sigmas=_discrete_sigmas(config),
+      dtype=jnp.dtype(m.get('dtype', 'float32')))
+
+
+def _make_ddpm(config):
+  from models.ncsnpp import DDPM   # the DDPM U-Net is a preset of the NCSN++ family
+  m = config.model
+  return DDPM(nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+              resamp_with_conv=m.resamp_with_conv, scale_by_sigma=m.scale_by_sigma,
+              conditional=m.conditional, nonlinearity=m.nonlinearity,
+              centered=config.data.centered, sigmas=_discrete_sigmas(config),
+              dtype=jnp.dtype(m.get('dtype', 'float32')))
+
+
+# name: (builder, convention). Convention 'ours': models/score.network_score (noise
+# prediction from unit-variance inputs); 'reference': the paper's networks, conditioned
+# as the reference conditions them (models/score.reference_network_score).
+MODELS = {'mlp': (_make_mlp, 'ours'), 'unet': (_make_unet, 'ours'),
+          'ncsnpp': (_make_ncsnpp, 'reference'), 'ddpm': (_make_ddpm, 'reference'),
+          'ncsn': (_make_refinenet, 'reference'), 'ncsnv2_64': (_make_refinenet, 'reference'),
+          'ncsnv2_128': (_make_refinenet, 'reference'), 'ncsnv2_256': (_make_refinenet, 'reference')}
+
+
+def make_model(config):
+  """The flax network that ``config.model`` names (no data needed: shapes come at init)."""
+  return MODELS[config.model.name][0](config)
+
+
+class Components(NamedTuple):
+  sde: sde_lib.SDE
+  model: Any
+  train_data: Any
+  eval_data: Any
+  data_shape: tuple
+  data_std: float
+  score_fn: Any         # params -> evaluation-mode score_fn(x, t) (params bound as leaves)
+  loss_fn: Any          # (params, key, batch) -> scalar, training mode (dropout on)
+  eval_loss_fn: Any     # (params, key, batch) -> scalar, evaluation mode (dropout off)
+  optimizer: Any
+  learning_rate: Any    # step -> learning rate (the optimizer's schedule, for logging)
+  sampler: Any          # (key, score_fn) -> (samples, nfe), for sampling.batch_size samples
+  scaler_slope: float
+
+
+def _sde_from_config(config):
+  name = config.sde.name.lower()
+  if name == 'vesde':
+    return sde_lib.VESDE(config.sde.sigma_min, config.sde.sigma_max, config.sde.num_scales)
+  cls = sde_lib.SDES[name]
+  return cls(config.sde.beta_min, config.sde.beta_max, config.sde.num_scales)
+
+
+def dataset(config, split, batch_size, training, whole=False):
+  """Training data: each host its own shard (``whole``: the unsharded stream), endless.
+
+  Evaluation: one ordered pass over the whole split, on every host.
+  """
+  common = dict(image_size=config.data.image_size or None, centered=config.data.centered,
+                data_dir=config.data.data_dir or None, seed=stream_seed(config.seed, 'data'),
+                **_tfrecords(config))
+  if training:
+    shards = dict(shard_index=0, shard_count=1) if whole else {}
+    return datasets.get_dataset(
+        config.data.dataset, split=split,
+        batch_size=batch_size if whole else batch_size // jax.process_count(),
+        random_flip=config.data.random_flip,
+        uniform_dequantization=config.data.uniform_dequantization, **common, **shards)
+  return datasets.get_dataset(config.data.dataset, split=split, batch_size=batch_size,
+                              shuffle=False, drop_remainder=False, num_epochs=1,
+                              shard_index=0, shard_count=1, **common)
+
+
+def _tfrecords(config):
+  return dict(tfrecords_path=config.data.tfrecords_path) if config.data.tfrecords_path else {}
+
+
+def _check_data_shape(config, data_shape):
+  """Image data must have the size and channels that the config (and so the network) expects."""
+  if len(data_shape) != 3:
+    return
+  h, w, c = data_shape
+  if config.data.image_size and (h, w) != (config.data.image_size,) * 2:
+    raise ValueError(f'Invalid config: data.image_size={config.data.image_size} but '
+                     f'{config.data.dataset} gives {h}x{w} images')
+  if c != config.data.num_channels:
+    raise ValueError(f'Invalid config: data.num_channels={config.data.num_channels} but '
+                     f'{config.data.dataset} has {c} channels')
+
+
+def batch_x(batch):
+  return batch['x'] if 'x' in batch else batch['image']
+
+
+def is_image_data(config):
+  return config.data.dataset not in datasets.TOY_DISTRIBUTIONS
+
+
+def build(config, num_devices: int | None = None) -> Components:
+  """Builds everything a run needs from the config: the only place that reads it."""
+  validate_config(config, num_devices)
+  train_data = dataset(config, 'train', config.training.batch_size, True)
+  eval_data = dataset(config, config.eval.split, config.eval.batch_size, False)
+  data_shape = tuple(train_data.data_shape)
+  _check_data_shape(config, data_shape)
+  # The std of the first global training batch scales the network's inputs. It is read
+  # from the unsharded stream so that every host, and any host count, builds the same model.
+  first = batch_x(dataset(config, 'train', config.training.batch_size, True, whole=True).batch(0))
+  data_std = float(np.std(first))
+  return build_components(config, data_shape, data_std, train_data, eval_data)
+
+
+def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
+                     eval_data=None) -> Components:
+  """The model, loss, optimizer and sampler for data of ``data_shape``; reads no data.
+
+  ``build`` reads the datasets and calls this; benchmarks and checkpoint import call it
+  alone (their Components have no datasets).
+  """
+  sde = _sde_from_config(config)
+  data_shape = tuple(data_shape)
+  model = make_model(config)
+  continuous = config.training.loss not in losses.DISCRETE_LOSSES
+  loss_impl = losses.get_loss(config.training.loss)
+  kwargs = dict(reduce=config.training.reduce)
+  if continuous:
+    kwargs.update(eps=config.training.eps, likelihood_weighting=config.training.likelihood_weighting)
+  if MODELS[config.model.name][1] == 'reference':
+    train_score = functools.partial(score_lib.reference_network_score, model, sde,
+                                    continuous=continuous)
+    score_fn = lambda params: score_lib.get_reference_score_fn(model, sde, params,
+                                                               continuous=continuous)
+  else:
+    discrete_ddpm = config.training.loss == 'ddpm'
+    train_score = functools.partial(score_lib.network_score, model, sde, data_std=data_std,
+                                    discrete_ddpm=discrete_ddpm)
+    score_fn = lambda params: score_lib.get_score_fn(model, sde, params, data_std=data_std,
+                                                     discrete_ddpm=discrete_ddpm)
+
+  def loss_fn(params, key, batch):
+    k_loss, k_drop = jax.random.split(key)
+    score = functools.partial(train_score, params, train=True, dropout_key=k_drop)
+    return loss_impl(score, sde, k_loss, batch_x(batch), **kwargs)
+
+  def eval_loss_fn(params, key, batch):
+    # The network in evaluation mode (no dropout), as the reference's eval step; the loss's
+    # own randomness (t, z) uses the same key split as in training.
+    k_loss, _ = jax.random.split(key)
+    return loss_impl(functools.partial(train_score, params), sde, k_loss, batch_x(batch),
+                     **kwargs)
+
+  if config.optim.warmup > 0:   # linear from 0 over `warmup` steps, as the reference
+    schedule = optax.warmup_constant_schedule(0.0, config.optim.lr, config.optim.warmup)
+  else:
+    schedule = optax.constant_schedule(config.optim.lr)
+  chain = []
+  if config.optim.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(config.optim.grad_clip))
+  chain.append(optax.adamw(schedule, b1=config.optim.beta1, eps=config.optim.eps,
+                           weight_decay=config.optim.weight_decay))
+  optimizer = optax.chain(*chain)
+
+  shape = (config.sampling.batch_size,) + data_shape
+  s = config.sampling
+  if s.method == 'pc':
+    sampler = sampling.get_pc_sampler(sde, shape, s.predictor, s.corrector, snr=s.snr,
+                                      n_steps=s.n_steps_each, probability_flow=s.probability_flow,
+                                      denoise=s.noise_removal, eps=s.eps)
+  else:
+    sampler = sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
+                                       eps=s.eps, denoise=s.noise_removal)
+  return Components(sde, model, train_data, eval_data, data_shape, data_std, score_fn, loss_fn,
+                    eval_loss_fn, optimizer, schedule, sampler,
+                    2.0 if config.data.centered else 1.0)
+

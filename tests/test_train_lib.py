@@ -1,0 +1,222 @@
+"""train_lib.py: the training loop, its checkpoints and resume, sharding, several processes."""
+import functools
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import builder
+import datasets
+import eval_lib
+import parallel
+import run_lib
+import train_lib
+from run_helpers import (ROOT, free_port, image_config_files, main_process, restore_final,
+                         tiny_digits_config, tiny_paper_config, toy_config)
+from configs.toy import test as test_config
+
+
+def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
+  args = ['--mode', 'train', '--config.training.n_iters=1500', '--config.training.preemption_freq=50',
+          '--config.training.snapshot_freq=1500', '--config.training.snapshot_sampling=False',
+          '--config.training.log_freq=50']
+  straight = str(tmp_path / 'straight')
+  proc = main_process(args + ['--workdir', straight], data_dir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+
+  killed = str(tmp_path / 'killed')
+  proc = main_process(args + ['--workdir', killed], data_dir)
+  preempt = os.path.join(killed, 'checkpoints', 'preemption')
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [int(d) for d in (os.listdir(preempt) if os.path.isdir(preempt) else []) if d.isdigit()]
+    if done and max(done) >= 200:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert not os.path.isdir(os.path.join(killed, 'checkpoints', 'snapshots', '1500')), 'killed too late'
+  proc = main_process(args + ['--workdir', killed], data_dir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  assert 'Resuming from step' in out
+  resumed = int(out.split('Resuming from step ')[1].split()[0])
+  assert 200 <= resumed < 1500
+
+  config = toy_config(data_dir)
+  a, step_a = restore_final(config, straight)
+  b, step_b = restore_final(config, killed)
+  assert step_a == step_b == 1500
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # metrics.jsonl has each logged step once, despite the restart.
+  steps = [json.loads(line)['step'] for line in open(os.path.join(killed, 'metrics.jsonl'))]
+  assert steps == list(range(50, 1501, 50))
+
+
+SHARDED_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import builder, parallel, train_lib
+    from configs.toy import test as test_config
+    assert jax.device_count() == 8, jax.devices()
+    config = test_config.get_config()
+    config.data.data_dir = {data_dir!r}
+    comp = builder.build(config)
+    state = train_lib.init_state(config, comp)
+    batch = comp.train_data.batch(0)
+    out = {{}}
+    for n in (1, 8):
+      mesh = parallel.make_mesh(jax.devices()[:n])
+      sh = NamedSharding(mesh, P('data'))
+      rep = NamedSharding(mesh, P())
+      b = jax.tree.map(lambda a: jax.device_put(a, sh), batch)
+      f = jax.jit(jax.value_and_grad(comp.loss_fn), in_shardings=(rep, rep, sh), out_shardings=rep)
+      loss, grads = f(state.params, jax.random.PRNGKey(3), b)
+      assert len(b['x'].sharding.device_set) == n
+      step_fn, bsh = train_lib.compile_train_step(comp, config, mesh)
+      fresh = jax.device_put(jax.tree.map(np.array, state), rep)   # the step donates its input
+      s, losses = step_fn(fresh, train_lib.global_batches(comp, 0, 1, bsh))
+      out[n] = (float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)], float(losses[0]),
+                [np.asarray(p) for p in jax.tree.leaves(s.params)])
+    np.testing.assert_allclose(out[8][0], out[1][0], rtol=1e-5)
+    for g8, g1 in zip(out[8][1], out[1][1]):
+      np.testing.assert_allclose(g8, g1, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out[8][2], out[1][2], rtol=1e-5)
+    for p8, p1 in zip(out[8][3], out[1][3]):
+      np.testing.assert_allclose(p8, p1, rtol=1e-4, atol=1e-6)
+    print('SHARDED OK')
+''')
+
+
+def test_sharded_step_on_8_devices_matches_one_device(data_dir):
+  script = SHARDED_SCRIPT.format(root=ROOT, data_dir=data_dir)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert 'SHARDED OK' in result.stdout, result.stdout + result.stderr
+
+
+def test_two_processes_train_in_step(data_dir, tmp_path):
+  """Two processes on loopback, joined by jax.distributed.initialize (CPU collectives: gloo)."""
+  port = free_port()
+  workdir = str(tmp_path / 'multi')
+  args = ['--mode', 'train', '--workdir', workdir, '--multihost',
+          f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+          '--config.training.n_iters=30', '--config.training.snapshot_sampling=False']
+  env = {'JAX_PLATFORMS': 'cpu'}
+  procs = [main_process(args + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  prints = [line.split('fingerprint ')[1] for out in outs for line in out.splitlines()
+            if 'params fingerprint' in line]
+  assert len(prints) == 2 and prints[0] == prints[1], outs
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'snapshots', '30'))
+
+  # Evaluation and sampling split their batches and rounds between the two processes;
+  # the numbers must be those of one process doing everything.
+  shared = ['--workdir', workdir, '--config.training.n_iters=30', '--config.eval.batch_size=30',
+            '--config.eval.bpd_max_examples=100', '--config.eval.begin_ckpt=30']
+  for mode in ('eval', 'sample'):
+    port = free_port()
+    multi = [f'--mode={mode}', '--multihost', f'--coordinator_address=127.0.0.1:{port}',
+             '--num_processes=2'] + shared
+    procs = [main_process(multi + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 0, out
+  report = json.load(open(os.path.join(workdir, 'eval', 'report_30.json')))
+  config = toy_config(data_dir, **{'training.n_iters': 30, 'eval.batch_size': 30,
+                                'eval.bpd_max_examples': 100})
+  comp = builder.build(config)
+  state, _ = eval_lib.restore_for_eval(config, comp, workdir, 30)
+  single = eval_lib.evaluate_checkpoint(config, comp, state, 30, str(tmp_path / 'single'))
+  for key in ('eval_loss', 'bpd', 'bpd_stderr', 'test_logp_model', 'energy_distance_model',
+              'nfe_likelihood', 'nfe_sampling', 'num_samples'):
+    np.testing.assert_allclose(report[key], single[key], rtol=1e-5, err_msg=key)
+  samples = np.load(os.path.join(workdir, 'samples', 'samples_30.npz'))['samples']
+  x, _ = eval_lib.draw_samples(config, comp, state.ema_params,
+                               builder.stream_key(config.seed, 'sample'), config.sampling.num_samples)
+  np.testing.assert_allclose(samples, x, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  good = toy_config(data_dir, **{'training.n_iters': 20, 'training.snapshot_sampling': False})
+  train_lib.train(good, workdir)
+  # Resume with a learning rate that blows the parameters up.
+  bad = toy_config(data_dir, **{'optim.lr': 1e12, 'optim.warmup': 0,
+                             'training.n_iters': 400, 'training.snapshot_sampling': False})
+  with pytest.raises(train_lib.NonFiniteLossError,
+                     match=r'Loss became (nan|inf) at step \d+.*last good checkpoint \(step 20\)'):
+    train_lib.train(bad, workdir)
+  state, step = restore_final(good, workdir)
+  assert step == 20
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize('name', ['ve.cifar10_ncsnpp_continuous', 've.ncsnv2.cifar10'])
+def test_paper_config_trains_and_samples_at_tiny_size(name, data_dir, tmp_path):
+  """The paper's networks through the whole path: loss with dropout, step, checkpoint, sampler."""
+  config = tiny_paper_config(name, data_dir)
+  state = train_lib.train(config, str(tmp_path))
+  assert int(state.step) == 2
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+  comp = builder.build(config)
+  x, nfe = eval_lib.draw_samples(config, comp, state.ema_params, jax.random.PRNGKey(0), 4)
+  assert x.shape == (4, 16, 16, 1) and np.all(np.isfinite(x))
+  per_step = {'ald': 1, 'langevin': 1, 'none': 0}[config.sampling.corrector] + \
+      (0 if config.sampling.predictor == 'none' else 1)
+  assert nfe == config.sde.num_scales * per_step
+
+
+def test_ema_warmup_follows_the_pytorch_reference(data_dir):
+  """decay_n = min(rate, (1 + n) / (10 + n)) at update n = step + 1 with model.ema_warmup;
+  the fixed rate otherwise (score_sde in JAX). One real step checks the update uses it."""
+  steps = jnp.arange(3000)
+  n = np.arange(1, 3001, dtype=np.float64)
+  np.testing.assert_allclose(np.asarray(train_lib.ema_decay(0.999, steps, True)),
+                             np.minimum(0.999, (1 + n) / (10 + n)), rtol=1e-6)
+  assert train_lib.ema_decay(0.999, steps, False) == 0.999
+  config = toy_config(data_dir)
+  comp = builder.build(config)
+  state = train_lib.init_state(config, comp)
+  batch = jax.tree.map(lambda a: a[None], comp.train_data.batch(0))
+  for warmup, decay in ((True, 2 / 11), (False, config.model.ema_rate)):
+    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed, True, warmup))
+    new, _ = step(jax.tree.map(jnp.copy, state), batch)
+    want = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new.params)
+    for got, w in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-5, atol=1e-7)
+
+
+
+def test_scanned_steps_equal_written_out_steps(data_dir):
+  """Accelerators run the steps of a call in lax.scan; CPU writes them out. Same state."""
+  config = toy_config(data_dir)
+  comp = builder.build(config)
+  state = train_lib.init_state(config, comp)
+  batches = jax.tree.map(lambda *xs: np.stack(xs), *[comp.train_data.batch(s) for s in range(3)])
+  out = {}
+  for unroll in (True, False):
+    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed, unroll,
+                                             config.model.ema_warmup))
+    out[unroll] = step(jax.tree.map(jnp.copy, state), batches)
+  (s_unrolled, l_unrolled), (s_scanned, l_scanned) = out[True], out[False]
+  np.testing.assert_allclose(np.asarray(l_scanned), np.asarray(l_unrolled), rtol=1e-5)
+  assert int(s_scanned.step) == int(s_unrolled.step) == 3
+  for a, b in zip(jax.tree.leaves(s_scanned), jax.tree.leaves(s_unrolled)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,268 @@
+"""Training: the train state, the compiled step, checkpoints, metrics, progress, the loop.
+
+Files under ``workdir``: checkpoints/snapshots (the last few), checkpoints/preemption (the
+newest only, frequent), metrics.jsonl, tensorboard/, samples/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import builder
+import parallel
+import plotting
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def init_state(config, comp: builder.Components) -> TrainState:
+  key = builder.stream_key(config.seed, 'init')
+  dummy_x = jnp.zeros((1,) + comp.data_shape)
+  params = comp.model.init(key, dummy_x, jnp.zeros((1,)))
+  ema_params = jax.tree.map(jnp.copy, params)   # its own buffers: the state is donated
+  return TrainState(jnp.zeros((), jnp.int32), params, ema_params, comp.optimizer.init(params))
+
+
+def ema_decay(ema_rate: float, step, warmup: bool = False):
+  """The EMA decay of update number step + 1: ema_rate, or with ``warmup`` the PyTorch
+  reference's min(ema_rate, (1 + n) / (10 + n)), n = step + 1 (score_sde in JAX uses the
+  fixed rate). The warm-up forgets the random initialization within a few hundred steps;
+  the fixed rate keeps a share ema_rate^n of it."""
+  if not warmup:
+    return ema_rate
+  n = (step + 1).astype(jnp.float32)
+  return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(comp: builder.Components, ema_rate: float, seed: int, unroll: bool | None = None,
+                    ema_warmup: bool = False):
+  """Steps of loss, gradients, optimizer update and EMA over ``[steps, batch, ...]`` batches.
+
+  Keys are folded with the step. ``unroll`` writes the steps out instead of looping
+  (default: on CPU only). XLA:CPU runs a convolution's gradient inside a loop body about
+  30 times slower than in straight-line code (benchmarks/train_benchmark.py measures it),
+  while accelerators prefer the loop, which compiles once for any number of steps.
+  """
+  if unroll is None:
+    unroll = jax.default_backend() == 'cpu'
+  base_key = builder.stream_key(seed, 'train')
+
+  def step(state: TrainState, batch):
+    key = jax.random.fold_in(base_key, state.step)
+    loss, grads = jax.value_and_grad(comp.loss_fn)(state.params, key, batch)
+    updates, opt_state = comp.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(ema_rate, state.step, ema_warmup)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    return TrainState(state.step + 1, params, ema, opt_state), loss
+
+  def multi_step(state, batches):
+    if not unroll:
+      return jax.lax.scan(step, state, batches)
+    # Written out step by step: scan(unroll=True) over one step is still a loop of one trip.
+    losses = []
+    for i in range(jax.tree.leaves(batches)[0].shape[0]):
+      state, loss = step(state, jax.tree.map(lambda a, i=i: a[i], batches))
+      losses.append(loss)
+    return state, jnp.stack(losses)
+
+  return multi_step
+
+
+def compile_train_step(comp, config, mesh, unroll: bool | None = None):
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(None, 'data'))   # [steps_per_call, batch, ...]
+  fn = make_train_step(comp, config.model.ema_rate, config.seed, unroll,
+                       config.model.ema_warmup)
+  return jax.jit(fn, in_shardings=(replicated, batch_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
+
+
+def global_batches(comp, start_step, steps, sharding):
+  """The batches of steps [start, start + steps), each host's shard, as one global array."""
+  local = [comp.train_data.batch(s) for s in range(start_step, start_step + steps)]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), stacked)
+
+
+class Checkpoints:
+  """Two orbax managers; a save is atomic (written to a temporary name, then renamed)."""
+
+  def __init__(self, workdir, keep):
+    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.snapshots = ocp.CheckpointManager(
+        os.path.join(root, 'snapshots'), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    self.preemption = ocp.CheckpointManager(
+        os.path.join(root, 'preemption'), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+  def latest(self):
+    """(manager, step) of the newest checkpoint of either kind, or (None, 0)."""
+    best = (None, 0)
+    for mngr in (self.preemption, self.snapshots):
+      step = mngr.latest_step()
+      if step is not None and step > best[1]:
+        best = (mngr, step)
+    return best
+
+  def restore(self, mngr, step, target):
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except ValueError as e:
+      raise ValueError(
+          f'The checkpoint at step {step} in {mngr.directory} does not fit this config\'s model '
+          f'or optimizer (was it written with another model.* or optim.* setting?): {e}') from e
+
+  def save(self, mngr, step, state):
+    mngr.save(step, args=ocp.args.StandardSave(state))
+
+  def wait(self):
+    self.snapshots.wait_until_finished()
+    self.preemption.wait_until_finished()
+
+  def close(self):
+    self.snapshots.close()
+    self.preemption.close()
+
+
+class _Progress:
+  """A one-line progress bar with it/s and ETA (a log line each update when not a terminal)."""
+
+  def __init__(self, total, start):
+    self.total, self.start_step, self.t0 = total, start, time.time()
+    self.tty = sys.stderr.isatty()
+
+  def update(self, step, loss):
+    elapsed = time.time() - self.t0
+    rate = (step - self.start_step) / max(elapsed, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    frac = step / self.total
+    bar = '#' * int(30 * frac) + '.' * (30 - int(30 * frac))
+    line = (f'[{bar}] {step}/{self.total} {rate:7.1f} it/s ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}'
+            f' loss {loss:.4f}')
+    if self.tty:
+      print('\r' + line, end='', file=sys.stderr, flush=True)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
+  def close(self):
+    if self.tty:
+      print(file=sys.stderr)
+
+
+class _Metrics:
+  """metrics.jsonl (lines past a resumed step are dropped) and TensorBoard scalars."""
+
+  def __init__(self, workdir, resume_step):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.primary = jax.process_index() == 0
+    if not self.primary:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(self.path, 'w') as f:
+        f.writelines(kept)
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=resume_step + 1)
+    except ImportError:   # optional: metrics.jsonl holds the same numbers
+      self.tb = None
+
+  def write(self, step, **scalars):
+    if not self.primary:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+    if self.tb is not None:
+      for k, v in scalars.items():
+        self.tb.add_scalar(k, float(v), int(step))
+
+  def close(self):
+    if self.primary and self.tb is not None:
+      self.tb.close()
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def train(config, workdir):
+  """Trains, resuming from the newest checkpoint in ``workdir``. Returns the final state."""
+  comp = builder.build(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  step_fn, batch_sharding = compile_train_step(comp, config, mesh)
+  ckpts = Checkpoints(workdir, config.training.snapshot_keep)
+  state = init_state(config, comp)
+  mngr, start = ckpts.latest()
+  if mngr is not None:
+    state = ckpts.restore(mngr, start, state)
+    print(f'Resuming from step {start} ({mngr.directory})', file=sys.stderr)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  metrics = _Metrics(workdir, start)
+  progress = _Progress(config.training.n_iters, start)
+  tc = config.training
+  k = tc.steps_per_call
+  step = start
+  try:
+    while step < tc.n_iters:
+      n = min(k, tc.n_iters - step)
+      batches = global_batches(comp, step, n, batch_sharding)
+      new_state, loss = step_fn(state, batches)
+      loss = np.asarray(loss)
+      if not np.all(np.isfinite(loss)):
+        bad = step + int(np.argmin(np.isfinite(loss))) + 1
+        raise NonFiniteLossError(
+            f'Loss became {loss[~np.isfinite(loss)][0]} at step {bad}; training stopped. The last '
+            f'good checkpoint (step {ckpts.latest()[1]}) is kept in {workdir}/checkpoints.')
+      state, step = new_state, step + n
+      if step % tc.log_freq == 0 or step == tc.n_iters:
+        metrics.write(step, loss=float(loss.mean()), learning_rate=float(comp.learning_rate(step)))
+        progress.update(step, float(loss.mean()))
+      if step % tc.snapshot_freq == 0 or step == tc.n_iters:
+        ckpts.save(ckpts.snapshots, step, state)
+        if tc.snapshot_sampling and jax.process_index() == 0:
+          _snapshot_samples(config, comp, parallel.host_local(state.ema_params), workdir, step)
+      elif step % tc.preemption_freq == 0:
+        ckpts.save(ckpts.preemption, step, state)
+  finally:
+    progress.close()
+    ckpts.wait()
+    ckpts.close()
+    metrics.close()
+  print(f'process {jax.process_index()}: step {step}, params fingerprint '
+        f'{params_fingerprint(state.params):.10e}', file=sys.stderr)
+  return state
+
+
+def params_fingerprint(params) -> float:
+  """A float summary of replicated parameters, read from this process's own copy."""
+  leaves = [np.asarray(x.addressable_data(0), np.float64) for x in jax.tree.leaves(params)]
+  return float(sum(np.sum(np.abs(v)) + np.sum(v) * 1e-3 for v in leaves))
+
+
+def _snapshot_samples(config, comp, params, workdir, step):
+  """One batch of samples as a picture, on this process alone (``params`` host-local)."""
+  x, _ = comp.sampler(builder.stream_key(config.seed, 'snapshot_samples'),
+                      comp.score_fn(params))
+  path = os.path.join(workdir, 'samples', f'step_{step}.png')
+  plotting.save_samples(path, np.asarray(x), config.data.dataset, centered=config.data.centered)
+
