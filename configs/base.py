@@ -44,14 +44,19 @@ def get_base_config():
   sde.num_scales = 1000
 
   config.model = model = ml_collections.ConfigDict()
-  model.name = 'mlp'                  # mlp | unet | ncsnpp | ddpm | ncsnv2_64 | ncsnv2_128 | ncsnv2_256 | ncsn
+  model.name = 'mlp'                  # mlp | ncsnpp | ddpm | ncsnv2_64 | ncsnv2_128 | ncsnv2_256 | ncsn
+  # How the score comes from the network, with the SDE (models/score.py). ours: noise prediction
+  # from inputs scaled to unit variance, label t (mlp, the digits network); reference: the
+  # paper's label and output for each SDE, which its networks and checkpoints need
+  # (configs/architectures.py sets it).
+  model.convention = 'ours'           # ours | reference
   model.ema_rate = 0.999
   model.ema_warmup = True             # decay min(ema_rate, (1 + n) / (10 + n)), as score_sde_pytorch:
                                       # short runs forget the random init (benchmarks/ema_warmup_benchmark.py)
   model.hidden = (128, 128, 128)      # mlp
-  model.embed_dim = 64                # mlp, unet: size of the time embedding
-  model.nf = 32                       # base width (unet, ncsnpp, ddpm, ncsn, ncsnv2)
-  model.ch_mult = (1, 2)              # width multiplier per resolution (unet, ncsnpp, ddpm)
+  model.embed_dim = 64                # mlp: size of the time embedding
+  model.nf = 32                       # base width (ncsnpp, ddpm, ncsn, ncsnv2)
+  model.ch_mult = (1, 2)              # width multiplier per resolution (ncsnpp, ddpm)
   model.num_res_blocks = 1
   model.attn_resolutions = ()
   model.dropout = 0.0
@@ -67,7 +72,7 @@ def get_base_config():
   model.progressive = 'none'          # none | output_skip | residual
   model.progressive_input = 'none'    # none | input_skip | residual
   model.progressive_combine = 'sum'   # sum | cat
-  model.embedding_type = 'positional' # positional | fourier
+  model.embedding_type = 'positional' # positional | fourier (of log sigma) | fourier_time (of t: ours)
   model.fourier_scale = 16.0
   model.init_scale = 0.0
   model.interpolation = 'bilinear'    # ncsn, ncsnv2: upsampling in the refine blocks

@@ -4,7 +4,16 @@ One U-Net, `NCSNpp`, whose options span NCSN++ (FIR resampling, BigGAN blocks,
 progressive input, Fourier features), DDPM++ (BigGAN blocks, positional embedding)
 and the original DDPM U-Net (Ho et al. 2020: DDPM blocks, conv resampling). The
 named variants below are `functools.partial`s of it, with the hyperparameters of
-the reference configs (configs/{ve,vp,subvp}/... of score_sde).
+the reference configs (configs/{ve,vp,subvp}/... of score_sde), and `DigitsUNet`,
+the small network of the digits configs.
+
+Labels. The network embeds whatever label its caller's convention gives it. Under the
+reference's conventions (models/score.reference_network_score) that is a noise level
+sigma (embedding 'fourier', of log sigma), 999 t or an integer step ('positional').
+Under ours (models/score.network_score: inputs scaled to unit variance, noise
+prediction) it is the time t in [0, 1] itself: embedding 'fourier_time', Fourier
+features of t, as the toy MLP embeds it. Both embeddings are defined once, in
+models/layers.py.
 
 Module order (for checkpoint import). Every parameterized submodule of `NCSNpp` is
 named `all_modules_{i}`, where i is its index in the reference PyTorch model's
@@ -38,7 +47,7 @@ _SQRT2 = layers._SQRT2
 _PROGRESSIVE = ('none', 'output_skip', 'residual')
 _PROGRESSIVE_INPUT = ('none', 'input_skip', 'residual')
 _COMBINE = ('sum', 'cat')
-_EMBEDDINGS = ('fourier', 'positional')
+_EMBEDDINGS = ('fourier', 'fourier_time', 'positional')
 
 
 def _check(name, value, allowed):
@@ -63,8 +72,10 @@ class NCSNpp(nn.Module):
     progressive: output pyramid, 'none' | 'output_skip' | 'residual'.
     progressive_input: input pyramid, 'none' | 'input_skip' | 'residual'.
     progressive_combine: 'sum' or 'cat', how input_skip merges the pyramid.
-    embedding_type: 'fourier' (of log(labels), for continuous sigma labels) or
-      'positional' (sinusoidal of the labels themselves, max_positions 10000).
+    embedding_type: 'fourier' (Gaussian Fourier features of log(labels), for continuous
+      sigma labels), 'fourier_time' (Gaussian Fourier features of the labels themselves,
+      for times t in [0, 1] under our convention) or 'positional' (sinusoidal of the
+      labels themselves, max_positions 10000).
     fourier_scale: standard deviation of the Fourier frequencies.
     scale_by_sigma: divide the output by the noise level: the label itself (continuous VE,
       whose label is sigma) or, when ``sigmas`` is given, ``sigmas[label]`` (discrete VE,
@@ -117,7 +128,8 @@ class NCSNpp(nn.Module):
     Args:
       x: [B, H, W, C] float32, H = W divisible by 2**(len(ch_mult) - 1).
       labels: [B] noise-conditioning labels: sigma (VE continuous), 999 t (VP continuous)
-        or the integer step (discrete). Must be positive with 'fourier' (log is taken).
+        or the integer step (discrete) under the reference's conventions; t in [0, 1]
+        under ours. Must be positive with 'fourier' (log is taken).
       train: enables dropout (needs the 'dropout' rng).
 
     Returns:
@@ -131,7 +143,8 @@ class NCSNpp(nn.Module):
     num_levels = len(self.ch_mult)
     factor = 2 ** (num_levels - 1)
     if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
-      raise ValueError(f'NCSNpp needs x [B, H, W, C] with H, W divisible by {factor}; '
+      raise ValueError(f'NCSNpp needs x [B, H, W, C] with H, W divisible by {factor} '
+                       f'(2**(len(ch_mult)-1) for ch_mult={tuple(self.ch_mult)}); '
                        f'got shape {x.shape}')
     labels = jnp.broadcast_to(labels, x.shape[:1])
     act = layers.get_act(self.nonlinearity)
@@ -175,6 +188,9 @@ class NCSNpp(nn.Module):
     if self.embedding_type == 'fourier':
       temb = layers.GaussianFourierProjection(
           embedding_size=nf, scale=self.fourier_scale, name=name())(jnp.log(labels))
+    elif self.embedding_type == 'fourier_time':
+      temb = layers.GaussianFourierProjection(
+          embedding_size=nf, scale=self.fourier_scale, name=name())(labels)
     else:
       temb = layers.positional_embedding(labels, nf)
     if self.conditional:
@@ -324,3 +340,16 @@ DDPM = functools.partial(
     centered=True, num_groups=32)
 # vp/ddpm/{bedroom,church,celebahq} (256x256).
 DDPM256 = functools.partial(DDPM, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0)
+
+# The digits network (configs/digits_base.py), under our convention: inputs scaled to unit
+# variance (taken as they are: centered=True), label t in [0, 1] embedded by Fourier
+# features, noise prediction. The smallest DDPM-style member of the family: two levels,
+# one block per level, attention only in the middle, GroupNorm min(C // 4, 32). Width 24
+# keeps the size and cost of the U-Net it replaced (369,457 parameters at 8x8x1, about
+# the same training step time; 655,169 and about twice the time at width 32).
+DigitsUNet = functools.partial(
+    NCSNpp, nf=24, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+    resamp_with_conv=True, fir=False, skip_rescale=False, resblock_type='ddpm',
+    progressive='none', progressive_input='none', embedding_type='fourier_time',
+    fourier_scale=16.0, scale_by_sigma=False, conditional=True, init_scale=0.0,
+    nonlinearity='swish', centered=True)
