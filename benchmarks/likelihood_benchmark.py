@@ -24,6 +24,18 @@ Problems:
                      diagonal, so v^T J v = tr J for a Rademacher v: the estimate is exact
                      and the rows carry a true error against the closed form.
 
+Error control (the second table): the 2-D mixture with exact divergence and the default
+solver, every tolerance of ``--ec-tols``, in float32 and float64 (``--ec-dtypes``), with each
+error norm of ``ode_solvers.ERROR_NORMS``: 'batch_rms' (the RMS over the whole batch, diffrax's
+and scipy's default; the library's norm before per-example control) and 'per_example' (the max
+over the batch of each example's RMS, the default). The solves go through ``ode_solvers.solve``
+with this file's own exact divergence and traced tolerances (one compilation per SDE x time x
+norm), in time t and in log-SNR time lambda = log(a/std) (dx/dlambda = dx/dt dt/dlambda, with
+the closed-form inverse t(lambda) of each SDE). At tol 1e-5 each time-t row also runs
+``likelihood.get_likelihood_fn`` and records its NFE and max |log p - the row's| as a check.
+Recorded: NFE, wall time, and the mean and max over the batch of |log p - exact|
+(prior-corrected as below): the max is what per-example control bounds.
+
 Recorded per row: NFE (vector-field evaluations; each one score pass plus a JVP), median
 wall time of ``--repeats`` runs after a warm-up run (which includes compilation), the
 ratios ours / baseline, and the mean / max of |logp - logp_scipy| (same tolerance),
@@ -34,6 +46,7 @@ Usage (from the repository root):
   python benchmarks/likelihood_benchmark.py --quick      # smoke run, seconds
   python benchmarks/likelihood_benchmark.py --x64        # float64 on the device
   python benchmarks/likelihood_benchmark.py --sdes vp --solvers tsit5,bosh3 --tols 1e-3
+  python benchmarks/likelihood_benchmark.py --problems none   # the error-control table only
 """
 from __future__ import annotations
 
@@ -82,6 +95,13 @@ def parse_args(argv=None):
                  help='mixture components of the image problem (1: Rademacher estimate is exact)')
   p.add_argument('--max-steps', type=int, default=4096, help='max_steps of the diffrax solves')
   p.add_argument('--x64', action='store_true', help='run in float64 (jax_enable_x64)')
+  p.add_argument('--ec-dtypes', default='float32,float64',
+                 help="dtypes of the error-control table ('' to skip it); float64 runs last")
+  p.add_argument('--ec-tols', default=None,
+                 help='rtol = atol of the error-control table (default 1e-4,1e-5,1e-6 in float32, '
+                      '1e-5,1e-6,1e-7 in float64)')
+  p.add_argument('--ec-times', default='t,logsnr',
+                 help="time variables of the error-control table: t, logsnr (logsnr in float32 only)")
   p.add_argument('--out', default=None,
                  help='JSON path (default benchmarks/results/likelihood[_x64][_quick].json)')
   return p.parse_args(argv)
@@ -345,6 +365,177 @@ def run_case(problem, sde_name, divergence, tols, solvers, args, dtype, rows):
 
 
 # -----------------------------------------------------------------------------
+# Error control: batch RMS vs per-example norm, time t vs log-SNR time
+# -----------------------------------------------------------------------------
+
+EC_TARGETS = {'float32': 1e-2, 'float64': 1e-4}   # max error (nats) the tests require
+EC_TOLS = {'float32': (1e-4, 1e-5, 1e-6), 'float64': (1e-5, 1e-6, 1e-7)}
+
+
+def logsnr_of_t(sde, t):
+  """lambda(t) = log a(t) - log std(t)."""
+  a, std = sde.marginal_coeffs(jnp.reshape(t, (1,)))
+  return (jnp.log(a) - jnp.log(std))[0]
+
+
+def t_of_logsnr(sde_name, sde, lam):
+  """The inverse of ``logsnr_of_t``, in closed form per SDE (B = int_0^t beta).
+
+  VE: lambda = -log sigma(t), log sigma linear in t. VP: std^2 / a^2 = e^B - 1, so
+  B = log1p(e^{-2 lambda}). Sub-VP: std / a = 2 sinh(B / 2), so B = 2 asinh(e^{-lambda} / 2).
+  Then t solves beta_min t + (beta_max - beta_min) t^2 / 2 = B.
+  """
+  if sde_name == 've':
+    return (-lam - jnp.log(sde.sigma_min)) / jnp.log(sde.sigma_max / sde.sigma_min)
+  b = jnp.log1p(jnp.exp(-2 * lam)) if sde_name == 'vp' else 2 * jnp.arcsinh(0.5 * jnp.exp(-lam))
+  d = sde.beta_max - sde.beta_min
+  return 2 * b / (sde.beta_min + jnp.sqrt(sde.beta_min**2 + 2 * d * b))
+
+
+def _check_inverse(sde_name, sde, dtype):
+  """lambda(t(lambda)) = lambda to a few ulps over [eps, T] (the solve's variable is lambda;
+  t itself is ill-conditioned near eps for VE in float32, where nothing depends on it)."""
+  lam = jax.vmap(lambda u: logsnr_of_t(sde, u))(jnp.asarray(np.geomspace(EPS, 1.0, 50), dtype))
+  back = jax.vmap(lambda v: logsnr_of_t(sde, t_of_logsnr(sde_name, sde, v)))(lam)
+  worst = float(jnp.max(jnp.abs(back - lam)))
+  if worst > (1e-5 if dtype == jnp.float32 else 1e-12):
+    raise RuntimeError(f'{sde_name}: lambda(t(lambda)) is off by {worst:.1e}')
+
+
+def make_time_changed_likelihood(sde_name, sde, vf, time_variable, error_norm):
+  """``run(score_fn, x, tol) -> (log p_eps(x), z, nfe)`` solved in ``time_variable``.
+
+  ``time_variable`` is 't' or 'logsnr'. The state is the library's, (x, delta_logp), so
+  the error norm sees the same pytree; in log-SNR time both parts of the field are
+  multiplied by dt/dlambda. The tolerance is traced: one compilation for all of them.
+  """
+  import ode_solvers
+
+  if time_variable == 't':
+    t_of, s0, s1 = (lambda s: s), EPS, sde.T
+  else:
+    t_of = lambda s: t_of_logsnr(sde_name, sde, s)  # noqa: E731
+    s0, s1 = logsnr_of_t(sde, EPS), logsnr_of_t(sde, sde.T)
+
+  @jax.jit
+  def run(score_fn, x, tol):
+    n = x.size
+    probe = jnp.zeros((), x.dtype)
+
+    def field(s, state):
+      t, dt_ds = jax.jvp(t_of, (s,), (jnp.ones_like(s),))
+      out = vf(t, state[0], probe, score_fn)
+      return out[:n].reshape(x.shape) * dt_ds, out[n:] * dt_ds
+
+    init = (x, jnp.zeros(x.shape[:1], x.dtype))
+    (z, delta), nfe = ode_solvers.solve(field, init, jnp.asarray(s0, x.dtype),
+                                        jnp.asarray(s1, x.dtype), rtol=tol, atol=tol,
+                                        error_norm=error_norm, max_steps=16384)
+    return sde.prior_logp(z) + delta, z, nfe
+
+  return run
+
+
+def run_error_control(sdes, dtype, tols, time_variables, args, rows):
+  """One compilation per SDE x time variable x norm (tolerances are traced). The library's
+  ``get_likelihood_fn`` is run beside the time-t rows at tol 1e-5 (or the first tol), as a check
+  that this code solves the same problem (its NFE and max |log p - this file's log p|)."""
+  import likelihood
+  import ode_solvers
+  dname = str(jnp.dtype(dtype))
+  mix, x = make_problem('2d_mixture', dtype, args.quick, args.image_components)
+  check_tol = 1e-5 if 1e-5 in tols else tols[0]
+  for sde_name in sdes:
+    sde = make_sde(sde_name)
+    _check_inverse(sde_name, sde, dtype)
+    score_fn = mix.score_fn(sde)
+    exact = np_mixture_logp(mix, x, *np_marginal_coeffs(sde, EPS))
+    vf = make_baseline_vector_field(sde, 'exact')
+    nfe_in_t = {}
+    for time_variable in sorted(time_variables, key=lambda v: v != 't'):
+      for norm in ode_solvers.ERROR_NORMS:
+        fn = make_time_changed_likelihood(sde_name, sde, vf, time_variable, norm)
+        for tol in tols:
+          (logp, z, nfe), wall, _, _ = timed(lambda: fn(score_fn, x, jnp.asarray(tol, dtype)),
+                                             min(args.repeats, 3))
+          err = _abs_stats(np.asarray(logp, np.float64) + prior_gap(sde, mix, z), exact, 2)
+          row = {'dtype': dname, 'sde': sde_name, 'time': time_variable, 'error_norm': norm,
+                 'tol': tol, 'batch': int(x.shape[0]), 'nfe': int(nfe), 'wall_s': wall,
+                 'err_mean': err['mean'], 'err_max': err['max']}
+          if time_variable == 't':
+            nfe_in_t[norm, tol] = int(nfe)
+            if tol == check_tol:
+              lib = likelihood.get_likelihood_fn(sde, hutchinson_type='exact', rtol=tol, atol=tol,
+                                                 eps=EPS, error_norm=norm)(
+                                                     jax.random.PRNGKey(1), score_fn, x)
+              row['library_nfe'] = int(lib.nfe)
+              row['library_max_abs_diff'] = float(np.max(np.abs(
+                  np.asarray(lib.logp, np.float64) - np.asarray(logp, np.float64))))
+          else:
+            row['nfe_same_code_t'] = nfe_in_t.get((norm, tol))
+          rows.append(row)
+          _print_ec_row(row)
+
+
+_EC_HEADER = (f"{'dtype':<8} {'sde':<6} {'time':<7} {'error norm':<12} {'tol':>6} {'NFE':>5} "
+              f"{'NFE in t':>8} {'wall ms':>8} {'|err| mean':>10} {'|err| max':>10} "
+              f"{'library NFE, |d logp|':>22}")
+
+
+def _ec_line(r):
+  return (f"{r['dtype']:<8} {r['sde']:<6} {r['time']:<7} {r['error_norm']:<12} {r['tol']:>6.0e} "
+          f"{r['nfe']:>5d} {r.get('nfe_same_code_t', '-'):>8} {r['wall_s'] * 1e3:>8.1f} "
+          f"{r['err_mean']:>10.1e} {r['err_max']:>10.1e} "
+          + (f"{r['library_nfe']:>12d}, {r['library_max_abs_diff']:.0e}" if 'library_nfe' in r else ''))
+
+
+def _print_ec_row(r):
+  print(_ec_line(r), flush=True)
+
+
+def summarize_error_control(rows):
+  """Per dtype x SDE x time x norm: the fewest-NFE tolerance whose max error meets the target."""
+  out = []
+  groups = {}
+  for r in rows:
+    groups.setdefault((r['dtype'], r['sde'], r['time'], r['error_norm']), []).append(r)
+  for (dname, sde, time_variable, norm), rs in groups.items():
+    target = EC_TARGETS[dname]
+    good = [r for r in rs if r['err_max'] <= target]
+    best = min(good, key=lambda r: r['nfe']) if good else None
+    default = next((r for r in rs if r['tol'] == 1e-5), None)
+    out.append({'dtype': dname, 'sde': sde, 'time': time_variable, 'error_norm': norm,
+                'target_max_nats': target,
+                'cheapest': best and {'tol': best['tol'], 'nfe': best['nfe'],
+                                      'err_max': best['err_max']},
+                'at_1e-5': default and {'nfe': default['nfe'], 'err_max': default['err_max']}})
+  return out
+
+
+def print_error_control(rows, summary):
+  print('\nError control: 2-D mixture, 1000 points, exact divergence, dopri5. |err|: against the '
+        'float64 closed form\n(prior-corrected), mean and max over the batch. NFE in t: the same '
+        'code as the logsnr row, in time t.\nlibrary: likelihood.get_likelihood_fn at the same '
+        'settings, its NFE and max |log p - this row\'s|.')
+  print(_EC_HEADER)
+  print('-' * len(_EC_HEADER))
+  prev = None
+  for r in rows:
+    group = (r['dtype'], r['sde'], r['time'])
+    if prev is not None and group != prev:
+      print()
+    prev = group
+    print(_ec_line(r))
+  print('\nFewest NFE with max error <= target (float32 1e-2, float64 1e-4 nats); at tol 1e-5:')
+  for e in summary:
+    best, d = e['cheapest'], e['at_1e-5']
+    print(f"  {e['dtype']:<8} {e['sde']:<6} {e['time']:<7} {e['error_norm']:<12} " +
+          (f"tol {best['tol']:.0e} NFE {best['nfe']:>4d} (max {best['err_max']:.1e})"
+           if best else 'none of the tolerances') +
+          (f";  at 1e-5: NFE {d['nfe']:>4d} max {d['err_max']:.1e}" if d else ''))
+
+
+# -----------------------------------------------------------------------------
 # Output
 # -----------------------------------------------------------------------------
 
@@ -501,7 +692,7 @@ def main(argv=None):
       raise SystemExit(f'unknown SDE {s!r}; valid: {sorted(SDE_NAMES)}')
   for s in solvers:
     ode_solvers.get_solver(s)
-  problems = _split(args.problems)
+  problems = [p for p in _split(args.problems) if p != 'none']
   divergences = _split(args.divergences)
 
   info = machine_info()
@@ -518,13 +709,37 @@ def main(argv=None):
         if div == 'exact' and problem != '2d_mixture':
           continue
         run_case(problem, sde_name, div, tols, solvers, args, dtype, rows)
-  total = time.perf_counter() - start
+  main_s = time.perf_counter() - start
 
-  print_table(rows)
-  print_cases(rows)
+  if rows:
+    print_table(rows)
+    print_cases(rows)
   rec = recommend(rows, args.image_components)
   print_recommendation(rec)
-  print(f'\ntotal {total:.1f} s')
+
+  ec_rows = []
+  ec_dtypes = _split(args.ec_dtypes)
+  if args.x64:
+    ec_dtypes = ['float64'] if 'float64' in ec_dtypes else []
+  ec_times = _split(args.ec_times)
+  for dname in ec_dtypes:
+    if dname not in EC_TOLS:
+      raise SystemExit(f'unknown --ec-dtypes entry {dname!r}; valid: {sorted(EC_TOLS)}')
+    if dname == 'float64' and not jax.config.jax_enable_x64:
+      # Switched once, after every float32 row; nothing compiled in float32 is reused.
+      jax.config.update('jax_enable_x64', True)
+      jax.clear_caches()
+    tols = ([float(t) for t in _split(args.ec_tols)] if args.ec_tols else
+            [1e-3] if args.quick else EC_TOLS[dname])
+    times = [t for t in ec_times if t == 't' or dname == 'float32']
+    print(f'\nerror control, {dname}', flush=True)
+    print(_EC_HEADER, flush=True)
+    run_error_control(sdes, jnp.dtype(dname), tols, times, args, ec_rows)
+  ec_summary = summarize_error_control(ec_rows)
+  if ec_rows:
+    print_error_control(ec_rows, ec_summary)
+  total = time.perf_counter() - start
+  print(f'\ntotal {total:.1f} s (main table {main_s:.1f} s, error control {total - main_s:.1f} s)')
 
   out = args.out or os.path.join(
       ROOT, 'benchmarks', 'results',
@@ -537,8 +752,11 @@ def main(argv=None):
       'divergences': divergences, 'repeats': args.repeats, 'quick': args.quick,
       'image_components': args.image_components, 'heun_min_tol': args.heun_min_tol,
       'max_steps': args.max_steps, 'agreement_nats': AGREEMENT_NATS,
-      'dtype': str(jnp.dtype(dtype))},
-      'total_s': total, 'rows': rows, 'recommendation': rec}
+      'dtype': str(jnp.dtype(dtype)),
+      'ec_dtypes': ec_dtypes, 'ec_times': ec_times, 'ec_targets': EC_TARGETS,
+      'error_norm': ode_solvers.DEFAULT_ERROR_NORM},
+      'total_s': total, 'main_s': main_s, 'rows': rows, 'recommendation': rec,
+      'error_control': ec_rows, 'error_control_summary': ec_summary}
   tmp = out + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(payload, f, indent=1)
