@@ -21,8 +21,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+import divergence
 import sde_lib
-from sde_lib import batch_broadcast
+from sde_lib import batch_broadcast, sum_except_batch
 
 REDUCTIONS = ('mean', 'sum')
 PROJECTIONS = ('rademacher', 'gaussian')
@@ -32,7 +33,7 @@ def _reduce_fn(reduce: str):
   if reduce == 'mean':
     return lambda v: jnp.mean(v.reshape(v.shape[0], -1), axis=-1)
   if reduce == 'sum':
-    return lambda v: 0.5 * jnp.sum(v.reshape(v.shape[0], -1), axis=-1)
+    return lambda v: 0.5 * sum_except_batch(v)
   raise ValueError(f'Unknown reduce {reduce!r}; valid: {list(REDUCTIONS)}')
 
 
@@ -70,10 +71,14 @@ def dsm_loss(score_fn, sde: sde_lib.SDE, key, x, *, eps: float = 1e-5,
 
 
 def _discrete_perturbation(key, x, sde):
-  """A uniform noise level i, the time t_i = i T / (N - 1) that labels it, and z ~ N(0, I)."""
+  """A time t_i = ``sde.discrete_time(i)`` of a uniform noise level i, and z ~ N(0, I).
+
+  t_i is the time whose level (``sde.discrete_index``) is exactly i: the network is
+  labelled, and the level's marginal read, through the SDE's grid from t alone.
+  """
   k_i, k_z = jax.random.split(key)
   i = jax.random.randint(k_i, (x.shape[0],), 0, sde.N)
-  return i, sde.discrete_time(i), jax.random.normal(k_z, x.shape, x.dtype)
+  return sde.discrete_time(i), jax.random.normal(k_z, x.shape, x.dtype)
 
 
 def smld_loss(score_fn, sde: sde_lib.SDE, key, x, *, reduce: str = 'mean'):
@@ -86,8 +91,8 @@ def smld_loss(score_fn, sde: sde_lib.SDE, key, x, *, reduce: str = 'mean'):
   if not hasattr(sde, 'discrete_sigmas'):
     raise TypeError(f'smld_loss needs an SDE with SMLD noise levels (VESDE), got {type(sde).__name__}')
   reduce_fn = _reduce_fn(reduce)
-  i, t, z = _discrete_perturbation(key, x, sde)
-  sigma = sde.discrete_sigmas[i]
+  t, z = _discrete_perturbation(key, x, sde)
+  _, sigma = sde.discrete_marginal_coeffs(t)
   score = score_fn(x + batch_broadcast(sigma, x) * z, t)
   return jnp.mean(reduce_fn((score * batch_broadcast(sigma, x) + z)**2))
 
@@ -101,10 +106,10 @@ def ddpm_loss(score_fn, sde: sde_lib.SDE, key, x, *, reduce: str = 'mean'):
   if not hasattr(sde, 'alphas_cumprod'):
     raise TypeError(f'ddpm_loss needs an SDE with a DDPM chain (VPSDE), got {type(sde).__name__}')
   reduce_fn = _reduce_fn(reduce)
-  i, t, z = _discrete_perturbation(key, x, sde)
-  abar = sde.alphas_cumprod[i]
-  x_i = batch_broadcast(jnp.sqrt(abar), x) * x + batch_broadcast(jnp.sqrt(1 - abar), x) * z
-  eps_pred = -batch_broadcast(jnp.sqrt(1 - abar), x) * score_fn(x_i, t)
+  t, z = _discrete_perturbation(key, x, sde)
+  a, std = sde.discrete_marginal_coeffs(t)
+  x_i = batch_broadcast(a, x) * x + batch_broadcast(std, x) * z
+  eps_pred = -batch_broadcast(std, x) * score_fn(x_i, t)
   return jnp.mean(reduce_fn((eps_pred - z)**2))
 
 
@@ -125,12 +130,8 @@ def sliced_score_matching(score_fn, key, x, t, *, n_projections: int = 1,
   f = lambda y: score_fn(y, t)
 
   def one(v):
-    s, jv = jax.jvp(f, (x,), (v,))
-    vjv = jnp.sum((v * jv).reshape(x.shape[0], -1), axis=-1)
-    if variance_reduction:
-      second = jnp.sum((s**2).reshape(x.shape[0], -1), axis=-1)
-    else:
-      second = jnp.sum((v * s).reshape(x.shape[0], -1), axis=-1)**2
+    s, vjv = divergence.hutchinson_divergence(f, x, v)
+    second = sum_except_batch(s**2) if variance_reduction else sum_except_batch(v * s)**2
     return vjv + 0.5 * second
 
   return jnp.mean(jax.vmap(one)(vs), axis=0)
@@ -138,13 +139,8 @@ def sliced_score_matching(score_fn, key, x, t, *, n_projections: int = 1,
 
 def exact_score_matching(score_fn, x, t):
   """Per-example Hyvärinen objective tr(ds/dx) + ||s||^2 / 2, ``[batch]`` (D JVPs: low dimension)."""
-  d = _dims(x)
-  f = lambda y: score_fn(y, t)
-  s = f(x)
-  basis = jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:])
-  jvps = jax.vmap(lambda e: jax.jvp(f, (x,), (jnp.broadcast_to(e, x.shape),))[1])(basis)
-  trace = jnp.einsum('ibi->b', jvps.reshape(d, x.shape[0], d))
-  return trace + 0.5 * jnp.sum(s.reshape(x.shape[0], -1)**2, axis=-1)
+  s, trace = divergence.exact_divergence(lambda y: score_fn(y, t), x)
+  return trace + 0.5 * sum_except_batch(s**2)
 
 
 def _perturbed_implicit_loss(objective, sde, key, x, eps, likelihood_weighting, reduce):

@@ -9,14 +9,19 @@ returns ``(samples, nfe)``, nfe being the number of score evaluations made.
 Predictors and correctors are pure steps with one signature each:
 
   predictor.update(sde, score_fn, key, x, t, dt, state) -> (x, x_mean, state)
-  corrector.update(sde, score_fn, key, x, t, snr) -> (x, x_mean)
+  corrector.update(sde, score_fn, key, x, t) -> (x, x_mean)
 
 ``state`` is the predictor's explicit solver state (``predictor.init(x)``; empty
 for the one-step methods here), so multistep methods fit the same loop.
+
+Langevin MCMC is one kernel, ``langevin_steps`` (x_mean = x + eps s, x = x_mean +
+sqrt(2 eps) z), whatever sets its step eps: the corrector's snr rules and NCSN's
+annealed Langevin dynamics (step_lr), related by ``ald_snr_from_step_lr``.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -24,18 +29,19 @@ import jax.numpy as jnp
 
 import ode_solvers
 import sde_lib
-from sde_lib import batch_broadcast
+from sde_lib import batch_broadcast, sum_except_batch
+
+# likelihood.py imports these two from here until it imports sde_lib's public names.
+_as_pytree = sde_lib.as_pytree
 
 
-def _as_pytree(score_fn):
-  """Wraps a plain function so it can be passed through ``jax.jit`` as an argument."""
-  if isinstance(score_fn, jax.tree_util.Partial):
-    return score_fn
-  return jax.tree_util.Partial(score_fn)
+def probability_flow_drift(sde: sde_lib.SDE, score_fn):
+  """``sde.probability_flow_drift(score_fn)``: kept importable from here for likelihood.py."""
+  return sde.probability_flow_drift(score_fn)
 
 
 def _per_example_norm(v):
-  return jnp.sqrt(jnp.sum(jnp.reshape(v, (v.shape[0], -1))**2, axis=-1))
+  return jnp.sqrt(sum_except_batch(v**2))
 
 
 # -----------------------------------------------------------------------------
@@ -108,6 +114,62 @@ def get_predictor(name: str, probability_flow: bool = False) -> Predictor:
 
 
 # -----------------------------------------------------------------------------
+# Langevin MCMC: one kernel for the correctors and for NCSN's annealed Langevin dynamics.
+# -----------------------------------------------------------------------------
+
+
+def langevin_steps(step_size_fn, score_fn, key, x, t, n_steps: int):
+  """n_steps of Langevin MCMC on score_fn(., t) at fixed t: the one kernel.
+
+  Each step draws z ~ N(0, I) and takes x_mean = x + eps s(x, t), x = x_mean + sqrt(2 eps) z,
+  with eps = ``step_size_fn(score, z)`` (a scalar or ``[batch]``). Keys: one per step,
+  ``jax.random.split(key, n_steps)``.
+
+  Returns:
+    ``(x, x_mean)`` after the last step.
+  """
+
+  def body(carry, key):
+    x, _ = carry
+    score = score_fn(x, t)
+    z = jax.random.normal(key, x.shape, x.dtype)
+    step = jnp.broadcast_to(step_size_fn(score, z), x.shape[:1])
+    x_mean = x + batch_broadcast(step, x) * score
+    x = x_mean + batch_broadcast(jnp.sqrt(2 * step), x) * z
+    return (x, x_mean), None
+
+  (x, x_mean), _ = jax.lax.scan(body, (x, x), jax.random.split(key, n_steps))
+  return x, x_mean
+
+
+def ald_snr_from_step_lr(step_lr: float, sigma_min: float) -> float:
+  """The 'ald' corrector's snr that takes NCSN's annealed Langevin steps: sqrt(step_lr / 2) / sigma_min.
+
+  Both are ``langevin_steps`` at the noise level sigma_i. NCSN (its released code, and
+  Algorithm 1 of NCSNv2) steps eps_i = step_lr sigma_i^2 / sigma_L^2, sigma_L = sigma_min;
+  the 'ald' corrector (VE: alpha = 1, std = sigma_i) steps eps_i = 2 (snr sigma_i)^2. They
+  agree at every level iff step_lr = 2 (snr sigma_min)^2. Example: step_lr 2e-5 and
+  sigma_min 0.01 give snr 0.3162, which the reference's NCSN configs round to 0.316.
+
+  Factor 2: NCSN's paper writes its Algorithm 1 as x + (alpha_i / 2) s + sqrt(alpha_i) z,
+  alpha_i = epsilon sigma_i^2 / sigma_L^2 with epsilon = 2e-5: in this kernel's form that
+  is eps_i = alpha_i / 2, half the step its code takes for step_lr = 2e-5. The code's
+  (this) convention is the one NCSN's and NCSNv2's configs and the reference's snr follow.
+  """
+  if step_lr <= 0 or sigma_min <= 0:
+    raise ValueError(f'step_lr and sigma_min must be positive, got step_lr={step_lr}, '
+                     f'sigma_min={sigma_min}')
+  return math.sqrt(step_lr / 2) / sigma_min
+
+
+def ald_step_lr_from_snr(snr: float, sigma_min: float) -> float:
+  """The inverse of ``ald_snr_from_step_lr``: step_lr = 2 (snr sigma_min)^2."""
+  if snr <= 0 or sigma_min <= 0:
+    raise ValueError(f'snr and sigma_min must be positive, got snr={snr}, sigma_min={sigma_min}')
+  return 2 * (snr * sigma_min)**2
+
+
+# -----------------------------------------------------------------------------
 # Correctors: n_steps of (annealed) Langevin MCMC at fixed t.
 # -----------------------------------------------------------------------------
 
@@ -117,34 +179,25 @@ class Corrector(NamedTuple):
   nfe: int                       # score evaluations per call (n_steps)
 
 
-def _langevin_loop(step_size_fn, sde, score_fn, key, x, t, n_steps):
-  """x_mean = x + eps s(x, t); x = x_mean + sqrt(2 eps) z, repeated n_steps times."""
-
-  def body(carry, key):
-    x, _ = carry
-    score = score_fn(x, t)
-    z = jax.random.normal(key, x.shape, x.dtype)
-    step = step_size_fn(sde, score, z, t)
-    x_mean = x + batch_broadcast(step, x) * score
-    x = x_mean + batch_broadcast(jnp.sqrt(2 * step), x) * z
-    return (x, x_mean), None
-
-  (x, x_mean), _ = jax.lax.scan(body, (x, x), jax.random.split(key, n_steps))
-  return x, x_mean
-
-
-def _snr_step(sde, score, z, t, snr):
+def _snr_step(sde, t, score, z, snr):
   """Algorithm 5 of the SDE paper: eps = 2 alpha (snr ||z|| / ||s||)^2, norms averaged over the batch."""
   grad_norm = jnp.mean(_per_example_norm(score))
   noise_norm = jnp.mean(_per_example_norm(z))
   return 2 * sde.langevin_alpha(t) * (snr * noise_norm / grad_norm)**2
 
 
-def _annealed_step(sde, score, z, t, snr):
-  """Annealed Langevin (NCSN) step rule in time form: eps = 2 alpha (snr std_t)^2."""
+def _annealed_step(sde, t, score, z, snr):
+  """Annealed Langevin (NCSN) step rule in time form: eps = 2 alpha (snr std_t)^2.
+
+  For VE this is NCSN's step_lr rule with step_lr = 2 (snr sigma_min)^2 (``ald_snr_from_step_lr``).
+  """
   del score, z
   _, std = sde.marginal_coeffs(t)
   return 2 * sde.langevin_alpha(t) * (snr * std)**2
+
+
+def _corrector_update(rule, snr, n_steps, sde, score_fn, key, x, t):
+  return langevin_steps(functools.partial(rule, sde, t, snr=snr), score_fn, key, x, t, n_steps)
 
 
 def _no_corrector(sde, score_fn, key, x, t):
@@ -157,7 +210,12 @@ CORRECTORS = tuple(_CORRECTOR_RULES)
 
 
 def get_corrector(name: str, snr: float = 0.16, n_steps: int = 1) -> Corrector:
-  """Looks a corrector up by name; a ValueError lists the valid names."""
+  """Looks a corrector up by name; a ValueError lists the valid names.
+
+  'langevin': Algorithm 5 of the SDE paper (step from the snr of score and noise norms).
+  'ald': annealed Langevin, step 2 alpha (snr std_t)^2; NCSN's step_lr maps to its snr by
+  ``ald_snr_from_step_lr``.
+  """
   try:
     rule = _CORRECTOR_RULES[name.lower()]
   except KeyError:
@@ -166,8 +224,7 @@ def get_corrector(name: str, snr: float = 0.16, n_steps: int = 1) -> Corrector:
     return Corrector(_no_corrector, 0)
   if n_steps < 1:
     raise ValueError(f'n_steps must be at least 1 for corrector {name!r}, got {n_steps}')
-  step_size_fn = functools.partial(rule, snr=snr)
-  return Corrector(functools.partial(_langevin_loop, step_size_fn, n_steps=n_steps), n_steps)
+  return Corrector(functools.partial(_corrector_update, rule, snr, n_steps), n_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +299,7 @@ def get_pc_sampler(sde: sde_lib.SDE, shape, predictor: str | Predictor = 'revers
     return x_mean if denoise else x
 
   def sampler(key, score_fn):
-    return _sample(key, _as_pytree(score_fn)), nfe
+    return _sample(key, sde_lib.as_pytree(score_fn)), nfe
 
   return sampler
 
@@ -274,12 +331,12 @@ def langevin_dynamics(score_fn, key, x_init, step_size: float, n_steps: int):
   """
   if step_size <= 0:
     raise ValueError(f'step_size must be positive, got {step_size}')
-  return _langevin_dynamics(_as_pytree(score_fn), key, x_init, step_size, n_steps), n_steps
+  return _langevin_dynamics(sde_lib.as_pytree(score_fn), key, x_init, step_size, n_steps), n_steps
 
 
 def geometric_sigmas(sigma_max: float, sigma_min: float, num_scales: int):
-  """NCSN's noise levels sigma_1 > ... > sigma_L, geometric."""
-  return jnp.exp(jnp.linspace(jnp.log(sigma_max), jnp.log(sigma_min), num_scales))
+  """NCSN's noise levels sigma_1 > ... > sigma_L: ``sde_lib.geometric_noise_levels``, descending."""
+  return sde_lib.geometric_noise_levels(sigma_min, sigma_max, num_scales)[::-1]
 
 
 @functools.partial(jax.jit, static_argnames=('n_steps_each', 'denoise'))
@@ -288,14 +345,9 @@ def _annealed_langevin(score_fn, key, x, sigmas, n_steps_each, step_lr, denoise)
 
   def level(x, inputs):
     sigma, key = inputs
-    alpha = step_lr * (sigma / sigmas[-1])**2
+    step = step_lr * (sigma / sigmas[-1])**2
     s = jnp.full(batch, sigma, x.dtype)
-
-    def step(x, key):
-      z = jax.random.normal(key, x.shape, x.dtype)
-      return x + 0.5 * alpha * score_fn(x, s) + jnp.sqrt(alpha) * z, None
-
-    x, _ = jax.lax.scan(step, x, jax.random.split(key, n_steps_each))
+    x, _ = langevin_steps(lambda score, z: step, score_fn, key, x, s, n_steps_each)
     return x, None
 
   x, _ = jax.lax.scan(level, x, (sigmas, jax.random.split(key, sigmas.shape[0])))
@@ -307,18 +359,22 @@ def _annealed_langevin(score_fn, key, x, sigmas, n_steps_each, step_lr, denoise)
 
 def annealed_langevin_dynamics(score_fn, key, x_init, sigmas, n_steps_each: int = 100,
                                step_lr: float = 2e-5, denoise: bool = False):
-  """Annealed Langevin dynamics, Algorithm 1 of NCSN (Song & Ermon 2019).
+  """Annealed Langevin dynamics, Algorithm 1 of NCSN (Song & Ermon 2019) as its code runs it.
 
-  For each sigma_i (decreasing), ``n_steps_each`` steps of Langevin MCMC with step
-  alpha_i = step_lr sigma_i^2 / sigma_L^2 on the noise-conditional score.
+  For each sigma_i (decreasing), ``n_steps_each`` steps of ``langevin_steps`` on the
+  noise-conditional score with eps_i = step_lr sigma_i^2 / sigma_L^2: x_mean = x + eps_i s,
+  x = x_mean + sqrt(2 eps_i) z (NCSN's and NCSNv2's code; NCSNv2's Algorithm 1). The 'ald'
+  corrector takes the same steps with snr = ``ald_snr_from_step_lr(step_lr, sigma_L)``.
+  NCSN's paper prints the update with alpha_i = 2 eps_i (see ``ald_snr_from_step_lr``).
 
   Args:
     score_fn: ``score_fn(x, sigma)``, conditioned on the noise level ``sigma`` ([batch]).
-    key: PRNG key.
+    key: PRNG key; level i runs on ``jax.random.split(key, L)[i]``.
     x_init: starting points ``[batch, ...]`` (NCSN uses uniform noise).
     sigmas: decreasing noise levels, e.g. ``geometric_sigmas``.
     n_steps_each: Langevin steps per level (T in the paper).
-    step_lr: epsilon of the step rule.
+    step_lr: NCSN's step_lr (2e-5 for NCSN; NCSNv2's configs: 6.2e-6 CIFAR-10, 3.3e-6
+      CelebA, 1.8e-6 LSUN bedroom).
     denoise: finish with x + sigma_L^2 s(x, sigma_L) (one more evaluation).
 
   Returns:
@@ -329,23 +385,14 @@ def annealed_langevin_dynamics(score_fn, key, x_init, sigmas, n_steps_each: int 
     raise ValueError(f'step_lr must be positive, got {step_lr}')
   if sigmas.ndim != 1 or not bool(jnp.all(jnp.diff(sigmas) < 0)):
     raise ValueError(f'sigmas must be a 1-D decreasing sequence, got shape {sigmas.shape}')
-  x = _annealed_langevin(_as_pytree(score_fn), key, x_init, sigmas, n_steps_each, step_lr, denoise)
+  x = _annealed_langevin(sde_lib.as_pytree(score_fn), key, x_init, sigmas, n_steps_each, step_lr,
+                         denoise)
   return x, sigmas.shape[0] * n_steps_each + int(denoise)
 
 
 # -----------------------------------------------------------------------------
 # Probability-flow ODE sampling with diffrax.
 # -----------------------------------------------------------------------------
-
-
-def probability_flow_drift(sde: sde_lib.SDE, score_fn):
-  """The ODE's vector field ``(t scalar, x) -> dx/dt`` = f - g^2 s / 2 (eq. 13)."""
-  reverse = sde.reverse(score_fn, probability_flow=True)
-
-  def drift(t, x):
-    return reverse.sde(x, jnp.full(x.shape[:1], t, x.dtype))[0]
-
-  return drift
 
 
 def get_ode_sampler(sde: sde_lib.SDE, shape, *, solver: str = ode_solvers.DEFAULT_SOLVER,
@@ -372,7 +419,7 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, solver: str = ode_solvers.DEFAUL
   def _sample(key, score_fn, z):
     if z is None:
       z = sde.prior_sampling(key, shape)
-    x, nfe = ode_solvers.solve(probability_flow_drift(sde, score_fn), z, sde.T, eps,
+    x, nfe = ode_solvers.solve(sde.probability_flow_drift(score_fn), z, sde.T, eps,
                                solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
     if denoise:
       predictor = get_predictor('reverse_diffusion', probability_flow=False)
@@ -384,6 +431,6 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, solver: str = ode_solvers.DEFAUL
   def sampler(key, score_fn, z=None):
     if z is not None and tuple(z.shape) != tuple(shape):
       raise ValueError(f'latent z has shape {tuple(z.shape)}, expected {tuple(shape)}')
-    return _sample(key, _as_pytree(score_fn), z)
+    return _sample(key, sde_lib.as_pytree(score_fn), z)
 
   return sampler

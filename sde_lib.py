@@ -24,14 +24,36 @@ def batch_broadcast(v: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
 
 
-def _sum_except_batch(x: jax.Array) -> jax.Array:
+def sum_except_batch(x: jax.Array) -> jax.Array:
+  """Sums ``[batch, ...]`` over every axis but the first: ``[batch]``."""
   return jnp.sum(jnp.reshape(x, (x.shape[0], -1)), axis=-1)
+
+
+def as_pytree(score_fn: ScoreFn) -> jax.tree_util.Partial:
+  """A score function as a pytree, so that it passes through ``jax.jit`` as an argument.
+
+  A ``jax.tree_util.Partial`` (parameters bound as leaves) is returned as it is: new
+  parameter values then reuse the compiled code. A plain function becomes a leafless
+  Partial, hashed by identity.
+  """
+  if isinstance(score_fn, jax.tree_util.Partial):
+    return score_fn
+  return jax.tree_util.Partial(score_fn)
+
+
+def geometric_noise_levels(sigma_min, sigma_max, n: int) -> jax.Array:
+  """n noise levels [n], geometric from sigma_min up to sigma_max (ascending).
+
+  The one definition of SMLD's / NCSN's levels: ``VESDE.discrete_sigmas`` is this
+  sequence and ``VESDE.descending_sigmas`` (NCSN's label order) its reverse.
+  """
+  return jnp.exp(jnp.linspace(jnp.log(sigma_min), jnp.log(sigma_max), n))
 
 
 def _standard_normal_logp(z: jax.Array, std: float | jax.Array) -> jax.Array:
   d = math.prod(z.shape[1:])
   return (-0.5 * d * jnp.log(2 * jnp.pi * std**2)
-          - 0.5 * _sum_except_batch(z**2) / std**2)
+          - 0.5 * sum_except_batch(z**2) / std**2)
 
 
 class SDE:
@@ -39,6 +61,13 @@ class SDE:
 
   Subclasses define ``sde``, ``marginal_coeffs``, ``prior_std``, ``discretize``
   and ``ancestral_step``; everything else is derived here, once.
+
+  The discrete grid, defined here and nowhere else: level i of the N discrete noise
+  levels sits at t_i = i T / (N - 1) (``discrete_time``); a time's level is
+  ``discrete_index`` (truncation). VE and VP add their levels (``discrete_sigmas``,
+  ``descending_sigmas``; ``discrete_betas``, ``alphas_cumprod``), a level's marginal
+  (``discrete_marginal_coeffs``) and the discrete network label (``discrete_label``:
+  VE rounds, VP does not), each as the reference computes it.
   """
   N: int
 
@@ -83,12 +112,21 @@ class SDE:
     drift, diffusion = self.sde(x, t)
     return drift * dt, diffusion * math.sqrt(dt)
 
+  def level_coordinate(self, t):
+    """t (N - 1) / T: the position of time ``t`` on the grid of the N discrete levels.
+
+    Level i sits at t_i = i T / (N - 1). Not rounded: ``discrete_index`` truncates it,
+    and VP's discrete network label is this value itself (the reference's t (N - 1)).
+    """
+    return t * (self.N - 1) / self.T
+
   def discrete_index(self, t):
     """Index i = int(t (N - 1) / T) of the discrete noise level used at time ``t``.
 
-    Truncation, as the reference (``labels.long()``): the one rule for the level of a time.
+    The truncation rule, as the reference (``labels.long()``): the one rule for the
+    level of a time, used by every discrete chain, loss and network convention here.
     """
-    return (t * (self.N - 1) / self.T).astype(jnp.int32)
+    return self.level_coordinate(t).astype(jnp.int32)
 
   def discrete_time(self, i):
     """A time t_i ~= i T / (N - 1) whose ``discrete_index`` is exactly ``i``.
@@ -131,6 +169,19 @@ class SDE:
   def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> 'ReverseSDE':
     """The reverse-time SDE (eq. 6) or, with ``probability_flow``, its ODE (eq. 13)."""
     return ReverseSDE(self, score_fn, probability_flow)
+
+  def probability_flow_drift(self, score_fn: ScoreFn):
+    """The probability-flow ODE's vector field ``(t scalar, x) -> dx/dt = f - g^2 s / 2`` (eq. 13).
+
+    In the ``(t, y)`` form ODE solvers take (``ode_solvers.solve``); the sampler and the
+    likelihood integrate it in opposite directions.
+    """
+    reverse = self.reverse(score_fn, probability_flow=True)
+
+    def drift(t, x):
+      return reverse.sde(x, jnp.full(x.shape[:1], t, x.dtype))[0]
+
+    return drift
 
 
 class ReverseSDE:
@@ -190,8 +241,27 @@ class VESDE(SDE):
 
   @property
   def discrete_sigmas(self):
-    """The N noise levels of SMLD, geometric from sigma_min to sigma_max."""
-    return jnp.exp(jnp.linspace(jnp.log(self.sigma_min), jnp.log(self.sigma_max), self.N))
+    """The N noise levels of SMLD, ascending: sigma_i for level i = ``discrete_index(t)``."""
+    return geometric_noise_levels(self.sigma_min, self.sigma_max, self.N)
+
+  @property
+  def descending_sigmas(self):
+    """The same levels from sigma_max down (NCSN's order): entry l is level N - 1 - l."""
+    return self.discrete_sigmas[::-1]
+
+  def discrete_label(self, t):
+    """NCSN's integer label of time ``t``: round((T - t)(N - 1) / T), an index into ``descending_sigmas``.
+
+    The rounding rule, as the reference's discrete VE networks are labelled (its
+    ``torch.round``); on the sampling grid and at ``discrete_time(i)`` it names the same
+    level as ``discrete_index`` (label N - 1 - i). One definition, used by the network
+    conventions (models/score.py).
+    """
+    return jnp.round((self.T - t) * (self.N - 1) / self.T).astype(jnp.int32)
+
+  def discrete_marginal_coeffs(self, t):
+    """(a_i, std_i) = (1, sigma_i) of the SMLD level i = ``discrete_index(t)``, each ``[batch]``."""
+    return jnp.ones_like(t), self.discrete_sigmas[self.discrete_index(t)]
 
   def _sigma_and_previous(self, t):
     i = self.discrete_index(t)
@@ -233,7 +303,13 @@ class _BetaSchedule(SDE):
 
   @property
   def alphas_cumprod(self):
+    """DDPM's abar_i = prod_{j <= i} (1 - beta_j), [N]."""
     return jnp.cumprod(1.0 - self.discrete_betas)
+
+  def discrete_marginal_coeffs(self, t):
+    """(sqrt(abar_i), sqrt(1 - abar_i)) of the DDPM level i = ``discrete_index(t)``, each ``[batch]``."""
+    abar = self.alphas_cumprod[self.discrete_index(t)]
+    return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
   def langevin_alpha(self, t):
     return 1.0 - self.discrete_betas[self.discrete_index(t)]
@@ -253,6 +329,10 @@ class VPSDE(_BetaSchedule):
   def sde(self, x, t):
     beta = self.beta(t)
     return -0.5 * batch_broadcast(beta, x) * x, jnp.sqrt(beta)
+
+  def discrete_label(self, t):
+    """The DDPM network's label of time ``t``: t (N - 1) / T, not rounded (the reference's)."""
+    return self.level_coordinate(t)
 
   def marginal_coeffs(self, t):
     """a = exp(-B/2), std = sqrt(1 - exp(-B)), B = int_0^t beta (eq. 33); expm1 keeps small t exact."""
@@ -307,4 +387,4 @@ def get_sde(name: str, **kwargs) -> SDE:
 
 
 __all__ = ['SDE', 'ReverseSDE', 'VESDE', 'VPSDE', 'subVPSDE', 'SDES', 'get_sde',
-           'batch_broadcast']
+           'batch_broadcast', 'sum_except_batch', 'as_pytree', 'geometric_noise_levels']

@@ -117,3 +117,19 @@ def _ncsn_training(config):
   config.optim.grad_clip = 0.0
   config.sampling.predictor = 'none'
   config.sampling.corrector = 'ald'
+
+
+def annealed_langevin(config, *, step_lr, n_steps_each):
+  """NCSN's sampler settings in NCSN's own terms: its step_lr and steps per noise level.
+
+  The 'ald' corrector reads sampling.snr; NCSN's step eps_i = step_lr sigma_i^2 / sigma_min^2
+  is the corrector's 2 (snr sigma_i)^2 for snr = sqrt(step_lr / 2) / sigma_min
+  (sampling.ald_snr_from_step_lr), which the reference's configs write to three decimals
+  (step_lr 2e-5 -> 0.316, a step 0.14% smaller than NCSN's): so is it set here. Call it
+  after the sde section is final (it reads sde.sigma_min).
+  """
+  import sampling   # here: configs that do not sample NCSN-style import no JAX
+  snr = sampling.ald_snr_from_step_lr(step_lr, config.sde.sigma_min)
+  config.sampling.snr = round(snr, 3)
+  config.sampling.n_steps_each = n_steps_each
+  return config

@@ -15,10 +15,9 @@ upsampling with aligned corners), pools context with chained residual pooling
   pooling) and divides its output by sigma_label, the technique 3 of "Improved
   Techniques for Training Score-Based Generative Models" (s(x, sigma) = f(x) / sigma).
 
-Labels are integers: label i means sigma_i of ``ncsn_sigmas`` (geometric from sigma_max
-at label 0 down to sigma_min at label num_scales - 1, the reference's get_sigmas;
-this is VESDE.discrete_sigmas reversed, matching the discrete VE label
-round((T - t)(N - 1))).
+Labels are integers: label l means entry l of ``VESDE.descending_sigmas`` (geometric
+from sigma_max at label 0 down to sigma_min at label num_scales - 1, the reference's
+get_sigmas), the VE SDE's label order: ``VESDE.discrete_label(t)`` = round((T - t)(N - 1)).
 
 Variants (constructor arguments, no ConfigDicts):
   NCSNv2      the 32 and 64 pixel network (CIFAR-10, CelebA): ch_mult (1, 2, 2, 2),
@@ -72,6 +71,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+import sde_lib
 from models.normalization import get_normalization
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -81,11 +81,6 @@ ACTIVATIONS: dict[str, Callable] = {
     'swish': nn.swish,
 }
 _INTERPOLATIONS = ('bilinear', 'nearest_neighbor')
-
-
-def ncsn_sigmas(sigma_min: float, sigma_max: float, num_scales: int) -> np.ndarray:
-  """The noise levels [num_scales], geometric from sigma_max (label 0) to sigma_min."""
-  return np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales))
 
 
 def _torch_bias_init(fan_in):
@@ -376,8 +371,8 @@ class _RefineNet(nn.Module):
     h = act(_normalize(norm, num_classes, 'normalizer', ref, y))
     h = _conv(h, x.shape[-1], name='end_conv')
     if self.scale_by_sigma:
-      sigmas = jnp.asarray(ncsn_sigmas(self.sigma_min, self.sigma_max, self.num_scales), h.dtype)
-      h = h / sigmas[labels][:, None, None, None]
+      sde = sde_lib.VESDE(sigma_min=self.sigma_min, sigma_max=self.sigma_max, N=self.num_scales)
+      h = h / sde.descending_sigmas.astype(h.dtype)[labels][:, None, None, None]
     return h
 
 

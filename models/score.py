@@ -6,7 +6,8 @@ from inputs scaled to unit variance, and
   score(x, t) = -net(c_in(t) x, t) / std(t),  c_in(t) = 1 / sqrt(a(t)^2 sigma_data^2 + std(t)^2),
 
 where p_0t(x_t | x_0) = N(a x_0, std^2 I). For the discrete DDPM chain (the 'ddpm'
-loss) a and std are those of level i = sde.discrete_index(t): sqrt(abar_i) and sqrt(1 - abar_i).
+loss) a and std are those of level i = sde.discrete_index(t): sqrt(abar_i) and sqrt(1 - abar_i)
+(``sde.discrete_marginal_coeffs``).
 The paper's architectures (NCSN++, DDPM++, DDPM, NCSN, NCSNv2) instead follow the
 reference's per-SDE label and output conventions, so that its checkpoints work:
 ``reference_network_score`` below, with the table of conventions.
@@ -26,8 +27,7 @@ from sde_lib import batch_broadcast
 def marginal_for_network(sde, t, discrete_ddpm: bool = False):
   """(a, std) that condition the network at time t."""
   if discrete_ddpm:
-    abar = sde.alphas_cumprod[sde.discrete_index(t)]
-    return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+    return sde.discrete_marginal_coeffs(t)
   return sde.marginal_coeffs(t)
 
 
@@ -66,31 +66,32 @@ def get_score_fn(model, sde, params, *, data_std: float, discrete_ddpm: bool = F
 #
 #   SDE     time        label given to the network          network output -> score
 #   VE      continuous  sigma(t), the marginal std           the output is the score
-#   VE      discrete    round((T - t)(N - 1)): the index of   the output is the score
-#                       sigma in the DESCENDING sequence
+#   VE      discrete    sde.discrete_label(t) =               the output is the score
+#                       round((T - t)(N - 1)): the index in
+#                       sde.descending_sigmas
 #   VP      continuous  999 t                                -output / std(t)
-#   VP      discrete    t (N - 1)                            -output / sqrt(1 - abar_i),
-#                                                            i = int(t (N - 1)), truncated
+#   VP      discrete    sde.discrete_label(t) = t (N - 1)    -output / sqrt(1 - abar_i),
+#                                                            i = sde.discrete_index(t)
 #   sub-VP  continuous  999 t                                -output / std(t)
 #
 # VE networks with scale_by_sigma divide their output by the noise level themselves.
-# The level of a time is sde.discrete_index (truncation, as the reference's
-# ``labels.long()``); the discrete losses label level i with sde.discrete_time(i), which
-# truncates back to i. The VE label rounds, as the reference does for VE.
+# The grid is the SDE's (sde_lib): the level of a time is sde.discrete_index (truncation,
+# as the reference's ``labels.long()``); the discrete losses label level i with
+# sde.discrete_time(i), which truncates back to i. The VE label rounds, as the reference
+# does for VE; both rules are defined once, on the SDE.
 # -----------------------------------------------------------------------------
 
 
 def _ve_convention(sde, t, continuous):
   if continuous:
     return sde.marginal_coeffs(t)[1], None
-  return jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32), None
+  return sde.discrete_label(t), None
 
 
 def _vp_convention(sde, t, continuous):
   if continuous:
     return 999.0 * t, sde.marginal_coeffs(t)[1]
-  abar = sde.alphas_cumprod[sde.discrete_index(t)]
-  return t * (sde.N - 1), jnp.sqrt(1.0 - abar)
+  return sde.discrete_label(t), sde.discrete_marginal_coeffs(t)[1]
 
 
 def _subvp_convention(sde, t, continuous):

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sde_lib
 from models import normalization
-from models.ncsnv2 import NCSN, NCSNv2, NCSNv2_128, NCSNv2_256, _resize, ncsn_sigmas
+from models.ncsnv2 import NCSN, NCSNv2, NCSNv2_128, NCSNv2_256, _resize
 
 # Reference configs (score_sde_pytorch configs/ve/ncsn/*.py, configs/ve/ncsnv2/*.py, with
 # their defaults: CIFAR-10 32 px, sigma_max 50; CelebA 64 px, sigma_max 90; LSUN sigma_max
@@ -129,8 +130,11 @@ def test_ncsnv2_output_scales_as_one_over_sigma():
   x = jnp.broadcast_to(_images(shape[1:]), shape)
   labels = jnp.array([0, 2, 4], jnp.int32)
   out = np.asarray(_apply('ncsnv2')({'params': _params('ncsnv2')}, x, labels), np.float64)
-  sigmas = ncsn_sigmas(_TINY['sigma_min'], _TINY['sigma_max'], _TINY['num_scales'])
-  np.testing.assert_allclose(sigmas, np.geomspace(10.0, 0.1, 5), rtol=1e-12)  # label 0 = sigma_max
+  # The levels are the VE SDE's, in label order (float32, as the network divides by them).
+  sde = sde_lib.VESDE(sigma_min=_TINY['sigma_min'], sigma_max=_TINY['sigma_max'],
+                      N=_TINY['num_scales'])
+  sigmas = np.asarray(sde.descending_sigmas, np.float64)
+  np.testing.assert_allclose(sigmas, np.geomspace(10.0, 0.1, 5), rtol=1e-6)  # label 0 = sigma_max
   unscaled = out * sigmas[np.asarray(labels)][:, None, None, None]
   # The network is label-independent, so f(x) = sigma_label * output for every label.
   np.testing.assert_allclose(unscaled[1], unscaled[0], rtol=1e-4, atol=1e-6)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import sampling
 import sde_lib
 from conftest import SDE_NAMES, make_sde
 
@@ -175,3 +176,65 @@ def test_sdes_are_frozen_pytrees():
 def test_unknown_sde_names_the_valid_ones():
   with pytest.raises(ValueError, match='subvpsde'):
     sde_lib.get_sde('vp')
+
+
+def test_geometric_levels_and_their_two_orders():
+  """One geometric sequence: VESDE.discrete_sigmas ascending, descending_sigmas its reverse."""
+  levels = sde_lib.geometric_noise_levels(0.01, 50.0, 7)
+  np.testing.assert_allclose(levels, np.geomspace(0.01, 50.0, 7), rtol=1e-6)
+  sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0, N=7)
+  np.testing.assert_array_equal(sde.discrete_sigmas, levels)
+  np.testing.assert_array_equal(sde.descending_sigmas, np.asarray(levels)[::-1])
+
+
+def test_level_index_truncates_and_ve_label_rounds():
+  """discrete_index truncates t (N - 1) / T (the reference's labels.long()); the VE label rounds
+  (T - t)(N - 1) (its torch.round). Off the grid the two rules name different levels; on the
+  sampling grid and at discrete_time(i) the label is N - 1 - index, the same level."""
+  sde = sde_lib.VESDE(N=10)
+  t = jnp.array([0.0, 0.3, 0.5, 0.75, 1.0])          # t (N - 1) = 0, 2.7, 4.5, 6.75, 9
+  np.testing.assert_array_equal(sde.discrete_index(t), [0, 2, 4, 6, 9])
+  np.testing.assert_array_equal(sde.discrete_label(t), [9, 6, 4, 2, 0])   # round(6.3), round(4.5)...
+  vp = sde_lib.VPSDE(N=10)
+  np.testing.assert_allclose(vp.discrete_label(t), 9 * np.asarray(t), rtol=1e-6)   # not rounded
+  for n in (10, 1000):
+    sde = sde_lib.VESDE(N=n)
+    grid = jnp.concatenate([jnp.linspace(1.0, 1e-5, n), sde.discrete_time(jnp.arange(n))])
+    np.testing.assert_array_equal(n - 1 - sde.discrete_label(grid), sde.discrete_index(grid))
+
+
+def test_discrete_marginal_coeffs_are_the_levels():
+  t = jnp.array([0.05, 0.5, 1.0])
+  ve = sde_lib.VESDE(N=10)
+  a, std = ve.discrete_marginal_coeffs(t)
+  np.testing.assert_array_equal(a, 1.0)
+  np.testing.assert_allclose(std, np.geomspace(0.01, 50.0, 10)[[0, 4, 9]], rtol=1e-5)
+  vp = sde_lib.VPSDE(N=50)                             # levels int(t 49) = 2, 24, 49
+  abar = np.cumprod(1 - np.linspace(0.1 / 50, 20.0 / 50, 50))[[2, 24, 49]]
+  a, std = vp.discrete_marginal_coeffs(t)
+  np.testing.assert_allclose(a, np.sqrt(abar), rtol=1e-5)
+  np.testing.assert_allclose(std, np.sqrt(1 - abar), rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+def test_probability_flow_drift(name):
+  """(t scalar, x) -> f - g^2 s / 2 (eq. 13), the vector field the ODE solvers integrate."""
+  sde = make_sde(name)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 3))
+  score_fn = lambda x, t: -x * (1 + t[:, None, None])
+  t = 0.3
+  f, g = sde.sde(x, jnp.full((4,), t))
+  want = f - 0.5 * g[:, None, None]**2 * score_fn(x, jnp.full((4,), t))
+  np.testing.assert_allclose(sde.probability_flow_drift(score_fn)(t, x), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(sampling.probability_flow_drift(sde, score_fn)(t, x),
+                                sde.probability_flow_drift(score_fn)(t, x))
+
+
+def test_sum_except_batch_and_as_pytree():
+  x = jnp.arange(24.0).reshape(2, 3, 4)
+  np.testing.assert_array_equal(sde_lib.sum_except_batch(x), [66.0, 210.0])
+  fn = lambda x, t: x
+  wrapped = sde_lib.as_pytree(fn)
+  assert isinstance(wrapped, jax.tree_util.Partial) and jax.tree.leaves(wrapped) == []
+  bound = jax.tree_util.Partial(lambda p, x, t: p * x, jnp.ones(()))
+  assert sde_lib.as_pytree(bound) is bound

@@ -9,6 +9,6 @@ def get_config():
   config.sde.sigma_max = 1.0
   config.sde.num_scales = 10
   config.model.ema_rate = 0.0   # NCSN v1 used no EMA
-  config.sampling.n_steps_each = 100
-  config.sampling.snr = 0.316
+  # NCSN's own sampler: step_lr 2e-5, 100 steps per level (snr 0.316 for the 'ald' corrector).
+  architectures.annealed_langevin(config, step_lr=2e-5, n_steps_each=100)
   return config
