@@ -71,6 +71,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
          f'sde.name={config.sde.name!r}; valid: {sorted(sde_lib.SDES)}')
   _check(config.sde.num_scales >= 2, f'sde.num_scales must be >= 2, got {config.sde.num_scales}')
   _check(config.model.name in MODELS, f'model.name={config.model.name!r}; valid: {sorted(MODELS)}')
+  _check(config.model.convention in CONVENTIONS,
+         f'model.convention={config.model.convention!r}; valid: {list(CONVENTIONS)}')
+  if config.model.name in _REFERENCE_ONLY:
+    _check(config.model.convention == 'reference',
+           f"model.name={config.model.name!r} needs model.convention='reference' (its label "
+           'indexes the noise levels)')
   _check(0 <= config.model.ema_rate < 1, f'model.ema_rate must lie in [0, 1), got {config.model.ema_rate}')
   _check(config.model.get('dtype', 'float32') in ('float32', 'bfloat16'),
          f"model.dtype={config.model.get('dtype')!r}; valid: ['float32', 'bfloat16']")
@@ -120,14 +126,6 @@ def _make_mlp(config):
   return ScoreMLP(hidden=tuple(config.model.hidden), embed_dim=config.model.embed_dim)
 
 
-def _make_unet(config):
-  from models.unet import UNet   # imported here: toy runs need no U-Net
-  return UNet(ch=config.model.nf, ch_mult=tuple(config.model.ch_mult),
-              num_res_blocks=config.model.num_res_blocks,
-              attn_resolutions=tuple(config.model.attn_resolutions),
-              dropout=config.model.dropout, embed_dim=config.model.embed_dim)
-
-
 def _make_refinenet(config):
   """NCSN v1 and NCSNv2 (RefineNets): the SMLD noise levels come from the sde section."""
   from models import ncsnv2
@@ -139,15 +137,19 @@ def _make_refinenet(config):
              interpolation=m.interpolation, centered=config.data.centered)
 
 
-# name: (builder, convention). Convention 'ours': models/score.network_score (noise
-# prediction from unit-variance inputs); 'reference': the paper's networks, conditioned
-# as the reference conditions them (models/score.reference_network_score).
 def _discrete_sigmas(config):
   """The descending noise levels by which discrete VE networks scale their output, else None."""
   if not (config.model.scale_by_sigma and config.training.loss in losses.DISCRETE_LOSSES):
     return None
   sde = config.sde
-  return tuple(float(s) for s in np.geomspace(sde.sigma_max, sde.sigma_min, sde.num_scales))
+  levels = sde_lib.VESDE(sigma_min=sde.sigma_min, sigma_max=sde.sigma_max,
+                         N=sde.num_scales).descending_sigmas
+  return tuple(float(s) for s in levels)
+
+
+def _takes_inputs_as_they_are(config):
+  """Under our convention the network sees c_in-scaled inputs: no [0, 1] -> [-1, 1] map."""
+  return config.data.centered or config.model.convention == 'ours'
 
 
 def _make_ncsnpp(config):
@@ -161,8 +163,8 @@ def _make_ncsnpp(config):
       progressive_input=m.progressive_input, progressive_combine=m.progressive_combine,
       embedding_type=m.embedding_type, fourier_scale=m.fourier_scale,
       scale_by_sigma=m.scale_by_sigma, conditional=m.conditional, init_scale=m.init_scale,
-      nonlinearity=m.nonlinearity, centered=config.data.centered, sigmas=_discrete_sigmas(config),
-      dtype=jnp.dtype(m.get('dtype', 'float32')))
+      nonlinearity=m.nonlinearity, centered=_takes_inputs_as_they_are(config),
+      sigmas=_discrete_sigmas(config), dtype=jnp.dtype(m.get('dtype', 'float32')))
 
 
 def _make_ddpm(config):
@@ -172,22 +174,24 @@ def _make_ddpm(config):
               attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
               resamp_with_conv=m.resamp_with_conv, scale_by_sigma=m.scale_by_sigma,
               conditional=m.conditional, nonlinearity=m.nonlinearity,
-              centered=config.data.centered, sigmas=_discrete_sigmas(config),
+              centered=_takes_inputs_as_they_are(config), sigmas=_discrete_sigmas(config),
               dtype=jnp.dtype(m.get('dtype', 'float32')))
 
 
-# name: (builder, convention). Convention 'ours': models/score.network_score (noise
-# prediction from unit-variance inputs); 'reference': the paper's networks, conditioned
-# as the reference conditions them (models/score.reference_network_score).
-MODELS = {'mlp': (_make_mlp, 'ours'), 'unet': (_make_unet, 'ours'),
-          'ncsnpp': (_make_ncsnpp, 'reference'), 'ddpm': (_make_ddpm, 'reference'),
-          'ncsn': (_make_refinenet, 'reference'), 'ncsnv2_64': (_make_refinenet, 'reference'),
-          'ncsnv2_128': (_make_refinenet, 'reference'), 'ncsnv2_256': (_make_refinenet, 'reference')}
+# name -> builder. The network-to-score convention is config.model.convention, not the
+# name: 'ours' is models/score.network_score (noise prediction from unit-variance inputs,
+# label t); 'reference' the paper's per-SDE labels and outputs
+# (models/score.reference_network_score), which its networks' checkpoints need.
+MODELS = {'mlp': _make_mlp, 'ncsnpp': _make_ncsnpp, 'ddpm': _make_ddpm, 'ncsn': _make_refinenet,
+          'ncsnv2_64': _make_refinenet, 'ncsnv2_128': _make_refinenet,
+          'ncsnv2_256': _make_refinenet}
+CONVENTIONS = ('ours', 'reference')
+_REFERENCE_ONLY = ('ncsn', 'ncsnv2_64', 'ncsnv2_128', 'ncsnv2_256')   # index sigmas by label
 
 
 def make_model(config):
   """The flax network that ``config.model`` names (no data needed: shapes come at init)."""
-  return MODELS[config.model.name][0](config)
+  return MODELS[config.model.name](config)
 
 
 class Components(NamedTuple):
@@ -288,7 +292,7 @@ def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
   kwargs = dict(reduce=config.training.reduce)
   if continuous:
     kwargs.update(eps=config.training.eps, likelihood_weighting=config.training.likelihood_weighting)
-  if MODELS[config.model.name][1] == 'reference':
+  if config.model.convention == 'reference':
     train_score = functools.partial(score_lib.reference_network_score, model, sde,
                                     continuous=continuous)
     score_fn = lambda params: score_lib.get_reference_score_fn(model, sde, params,

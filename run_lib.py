@@ -39,9 +39,3 @@ def run(config, workdir, mode):
   return reports
 
 
-
-# Transitional: the names callers used before run_lib was split, for the few modules not yet
-# moved to builder / train_lib / eval_lib (checkpoint import, its fixtures and tests).
-from builder import build_components, make_model, validate_config  # noqa: E402,F401
-from eval_lib import restore_for_eval as _restore_for_eval  # noqa: E402,F401
-from train_lib import Checkpoints, TrainState, init_state, make_train_step, train  # noqa: E402,F401

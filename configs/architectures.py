@@ -8,6 +8,7 @@ from configs import base
 
 def _ncsnpp_common(model):
   model.name = 'ncsnpp'
+  model.convention = 'reference'    # the paper's labels and outputs: its checkpoints need them
   model.nf = 128
   model.ch_mult = (1, 2, 2, 2)
   model.num_res_blocks = 4
@@ -72,6 +73,7 @@ def ddpm(config, *, ch_mult=(1, 2, 2, 2)):
   """The DDPM U-Net of Ho et al. (2020): two DDPM blocks per level, positional embedding."""
   model = config.model
   model.name = 'ddpm'
+  model.convention = 'reference'
   model.nf = 128
   model.ch_mult = ch_mult
   model.num_res_blocks = 2
@@ -87,6 +89,7 @@ def ncsnv2(config, name='ncsnv2_64'):
   """NCSNv2 (RefineNet, InstanceNorm++, output divided by sigma), trained on discrete VE levels."""
   model = config.model
   model.name = name
+  model.convention = 'reference'
   model.nf = 128
   model.scale_by_sigma = True
   model.interpolation = 'bilinear'
@@ -100,6 +103,7 @@ def ncsn(config):
   """NCSN v1 (conditional RefineNet, conditional InstanceNorm++), ten noise levels."""
   model = config.model
   model.name = 'ncsn'
+  model.convention = 'reference'
   model.nf = 128
   model.scale_by_sigma = False
   model.interpolation = 'bilinear'

@@ -349,28 +349,29 @@ def test_bf16_convolutions_and_matmuls_run_in_bf16(name):
   assert 'bf16' not in hlo32
 
 
-def test_bf16_config_trains_one_step_through_run_lib():
+def test_bf16_config_trains_one_step_through_train_lib():
   """configs/ve/cifar10_ncsnpp_continuous at tiny size with model.dtype='bfloat16': the
   params, optimizer and EMA state stay float32 and one training step gives a finite loss."""
-  import run_lib
+  import builder
+  import train_lib
   from configs.ve import cifar10_ncsnpp_continuous
   config = cifar10_ncsnpp_continuous.get_config()
   config.model.update(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(4,),
                       dtype='bfloat16')
   config.training.batch_size = 4
   config.optim.warmup = 0          # the warmup schedule's first learning rate is 0
-  run_lib.validate_config(config, num_devices=1)
-  comp = run_lib.build_components(config, (4, 4, 3))
+  builder.validate_config(config, num_devices=1)
+  comp = builder.build_components(config, (4, 4, 3))
   assert comp.model.dtype == jnp.bfloat16
   # init_state's shapes and dtypes; parameters filled with small random values (an eager
   # init of the network would take longer than the step's compile).
-  shapes = jax.eval_shape(lambda: run_lib.init_state(config, comp))
+  shapes = jax.eval_shape(lambda: train_lib.init_state(config, comp))
   assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(shapes))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype),
                         shapes.params)
-  state = run_lib.TrainState(jnp.zeros((), jnp.int32), params, params, comp.optimizer.init(params))
-  step = jax.jit(run_lib.make_train_step(comp, config.model.ema_rate, config.seed))
+  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, params, comp.optimizer.init(params))
+  step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed))
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 4, 4, 4, 3)), jnp.float32)
   new_state, loss = step(state, {'image': x})
   assert np.all(np.isfinite(np.asarray(loss)))
@@ -381,4 +382,4 @@ def test_bf16_config_trains_one_step_through_run_lib():
     assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(tree))
   config.model.dtype = 'float16'
   with pytest.raises(ValueError, match='model.dtype'):
-    run_lib.validate_config(config, num_devices=1)
+    builder.validate_config(config, num_devices=1)
