@@ -34,9 +34,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import divergence
 import ode_solvers
 import sde_lib
-from sampling import _as_pytree, probability_flow_drift
 
 HUTCHINSON_TYPES = ('rademacher', 'gaussian', 'exact')
 
@@ -63,36 +63,11 @@ def bits_per_dim_offset(num_bits: int | None, scaler_slope: float = 1.0) -> floa
   return num_bits - math.log2(scaler_slope)
 
 
-def _sum_except_batch(v):
-  return jnp.sum(jnp.reshape(v, (v.shape[0], -1)), axis=-1)
-
-
 def _divergence_fn(drift, hutchinson_type):
-  """Returns ``div(t, x, probe) -> (drift [x.shape], divergence [batch])``.
-
-  The drift acts on each example independently, so one JVP with a batched
-  tangent gives every example's J v at once.
-  """
+  """Returns ``div(t, x, probe) -> (drift [x.shape], divergence [batch])`` (divergence.py)."""
   if hutchinson_type == 'exact':
-
-    def div(t, x, probe):
-      del probe
-      d = math.prod(x.shape[1:])
-      basis = jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:])
-      f = drift(t, x)
-      jvps = jax.vmap(lambda e: jax.jvp(lambda y: drift(t, y), (x,),
-                                        (jnp.broadcast_to(e, x.shape),))[1])(basis)
-      # Diagonal of the Jacobian: the i-th output coordinate of the i-th JVP.
-      diag = jnp.einsum('ibi->bi', jvps.reshape(d, x.shape[0], d))
-      return f, jnp.sum(diag, axis=-1)
-
-    return div
-
-  def div(t, x, probe):
-    f, jv = jax.jvp(lambda y: drift(t, y), (x,), (probe,))
-    return f, _sum_except_batch(jv * probe)
-
-  return div
+    return lambda t, x, probe: divergence.exact_divergence(lambda y: drift(t, y), x)
+  return lambda t, x, probe: divergence.hutchinson_divergence(lambda y: drift(t, y), x, probe)
 
 
 def _draw_probe(key, x, hutchinson_type):
@@ -138,7 +113,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, *, hutchinson_type: str = 'rademacher',
 
   @jax.jit
   def _likelihood(key, score_fn, x):
-    div = _divergence_fn(probability_flow_drift(sde, score_fn), hutchinson_type)
+    div = _divergence_fn(sde.probability_flow_drift(score_fn), hutchinson_type)
     probe = _draw_probe(key, x, hutchinson_type)
 
     def vector_field(t, state):
@@ -154,7 +129,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, *, hutchinson_type: str = 'rademacher',
     return LikelihoodResult(bpd, logp, z, nfe)
 
   def likelihood_fn(key, score_fn, x):
-    return _likelihood(key, _as_pytree(score_fn), x)
+    return _likelihood(key, sde_lib.as_pytree(score_fn), x)
 
   return likelihood_fn
 
@@ -163,7 +138,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, *, hutchinson_type: str = 'rademacher',
                                              'max_steps', 'error_norm'))
 def _flow(sde, score_fn, x, forward, eps, rtol, atol, solver, max_steps, error_norm):
   t0, t1 = (eps, sde.T) if forward else (sde.T, eps)
-  return ode_solvers.solve(probability_flow_drift(sde, score_fn), x, t0, t1, solver=solver,
+  return ode_solvers.solve(sde.probability_flow_drift(score_fn), x, t0, t1, solver=solver,
                            rtol=rtol, atol=atol, max_steps=max_steps, error_norm=error_norm)
 
 
@@ -175,7 +150,7 @@ def encode(sde: sde_lib.SDE, score_fn, x, *, eps: float = 1e-5, rtol: float = 1e
   The options are those of ``get_likelihood_fn``; every example's z is held to the
   tolerances with the default ``error_norm``.
   """
-  return _flow(sde, _as_pytree(score_fn), x, True, eps, rtol, atol, solver, max_steps,
+  return _flow(sde, sde_lib.as_pytree(score_fn), x, True, eps, rtol, atol, solver, max_steps,
                error_norm)
 
 
@@ -183,5 +158,5 @@ def decode(sde: sde_lib.SDE, score_fn, z, *, eps: float = 1e-5, rtol: float = 1e
            atol: float = 1e-5, solver: str = ode_solvers.DEFAULT_SOLVER, max_steps: int = 4096,
            error_norm: str = ode_solvers.DEFAULT_ERROR_NORM):
   """Data x(eps) of a latent code z = x(T): the inverse of ``encode``. Returns (x, nfe)."""
-  return _flow(sde, _as_pytree(score_fn), z, False, eps, rtol, atol, solver, max_steps,
+  return _flow(sde, sde_lib.as_pytree(score_fn), z, False, eps, rtol, atol, solver, max_steps,
                error_norm)

@@ -31,15 +31,6 @@ import ode_solvers
 import sde_lib
 from sde_lib import batch_broadcast, sum_except_batch
 
-# likelihood.py imports these two from here until it imports sde_lib's public names.
-_as_pytree = sde_lib.as_pytree
-
-
-def probability_flow_drift(sde: sde_lib.SDE, score_fn):
-  """``sde.probability_flow_drift(score_fn)``: kept importable from here for likelihood.py."""
-  return sde.probability_flow_drift(score_fn)
-
-
 def _per_example_norm(v):
   return jnp.sqrt(sum_except_batch(v**2))
 

@@ -211,15 +211,13 @@ def _batch_sum(v):
 def make_baseline_vector_field(sde, divergence):
   """A jitted ``(t, x, probe, score_fn) -> concat([dx/dt flat, d delta_logp/dt])``.
 
-  Written independently of likelihood.py (only the drift is shared, from sampling.py):
+  Written independently of likelihood.py (only the drift is shared, sde.probability_flow_drift):
   the Hutchinson form is one JVP with the probe as tangent; the exact form is one
   JVP per coordinate with a one-hot tangent.
   """
-  from sampling import probability_flow_drift
-
   @jax.jit
   def vf(t, x, probe, score_fn):
-    drift = probability_flow_drift(sde, score_fn)
+    drift = sde.probability_flow_drift(score_fn)
     f_of = lambda y: drift(t, y)  # noqa: E731
     if divergence == 'exact':
       f = f_of(x)

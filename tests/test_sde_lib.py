@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import sampling
 import sde_lib
 from conftest import SDE_NAMES, make_sde
 
@@ -226,8 +225,6 @@ def test_probability_flow_drift(name):
   f, g = sde.sde(x, jnp.full((4,), t))
   want = f - 0.5 * g[:, None, None]**2 * score_fn(x, jnp.full((4,), t))
   np.testing.assert_allclose(sde.probability_flow_drift(score_fn)(t, x), want, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(sampling.probability_flow_drift(sde, score_fn)(t, x),
-                                sde.probability_flow_drift(score_fn)(t, x))
 
 
 def test_sum_except_batch_and_as_pytree():
