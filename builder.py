@@ -77,6 +77,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(config.model.convention == 'reference',
            f"model.name={config.model.name!r} needs model.convention='reference' (its label "
            'indexes the noise levels)')
+  if config.model.name == 'mlp':
+    _check(config.model.convention == 'ours',
+           "model.name='mlp' needs model.convention='ours' (its Fourier features embed t in [0, 1])")
+  if config.model.convention == 'ours':
+    _check(not config.model.scale_by_sigma,
+           "model.scale_by_sigma needs model.convention='reference' (under 'ours' the network "
+           'predicts the noise)')
   _check(0 <= config.model.ema_rate < 1, f'model.ema_rate must lie in [0, 1), got {config.model.ema_rate}')
   _check(config.model.get('dtype', 'float32') in ('float32', 'bfloat16'),
          f"model.dtype={config.model.get('dtype')!r}; valid: ['float32', 'bfloat16']")

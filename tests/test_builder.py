@@ -51,3 +51,22 @@ def test_image_config_without_num_bits_fails_clearly():
   with pytest.raises(ValueError, match='data.num_bits=0 but digits holds quantized images'):
     builder.validate_config(config, num_devices=1)
 
+
+
+def test_convention_mismatches_fail_clearly(data_dir):
+  config = toy_config(data_dir)
+  config.model.convention = 'reference'
+  with pytest.raises(ValueError, match="model.name='mlp' needs model.convention='ours'"):
+    builder.validate_config(config, num_devices=1)
+  config.model.convention = 'theirs'
+  with pytest.raises(ValueError, match="model.convention='theirs'; valid"):
+    builder.validate_config(config, num_devices=1)
+  from configs.ve import digits
+  config = digits.get_config()
+  config.model.scale_by_sigma = True
+  with pytest.raises(ValueError, match='model.scale_by_sigma needs model.convention'):
+    builder.validate_config(config, num_devices=1)
+  config = digits.get_config()
+  config.model.name = 'ncsnv2_64'
+  with pytest.raises(ValueError, match="needs model.convention='reference'"):
+    builder.validate_config(config, num_devices=1)
