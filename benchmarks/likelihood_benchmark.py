@@ -515,15 +515,7 @@ def print_error_control(rows, summary):
         'float64 closed form\n(prior-corrected), mean and max over the batch. NFE in t: the same '
         'code as the logsnr row, in time t.\nlibrary: likelihood.get_likelihood_fn at the same '
         'settings, its NFE and max |log p - this row\'s|.')
-  print(_EC_HEADER)
-  print('-' * len(_EC_HEADER))
-  prev = None
-  for r in rows:
-    group = (r['dtype'], r['sde'], r['time'])
-    if prev is not None and group != prev:
-      print()
-    prev = group
-    print(_ec_line(r))
+  _print_grouped(rows, _EC_HEADER, _ec_line, ('dtype', 'sde', 'time'))
   print('\nFewest NFE with max error <= target (float32 1e-2, float64 1e-4 nats); at tol 1e-5:')
   for e in summary:
     best, d = e['cheapest'], e['at_1e-5']
@@ -566,17 +558,22 @@ def _print_row(r):
   print(_row_line(r), flush=True)
 
 
-def print_table(rows):
-  print()
-  print(_HEADER)
-  print('-' * len(_HEADER))
+def _print_grouped(rows, header, line, group_keys):
+  """A header, a rule, then one line per row, a blank line where group_keys change."""
+  print(header)
+  print('-' * len(header))
   prev = None
   for r in rows:
-    group = (r['problem'], r['sde'], r['divergence'])
+    group = tuple(r[k] for k in group_keys)
     if prev is not None and group != prev:
       print()
     prev = group
-    print(_row_line(r))
+    print(line(r))
+
+
+def print_table(rows):
+  print()
+  _print_grouped(rows, _HEADER, _row_line, ('problem', 'sde', 'divergence'))
   print(f"""
 All log-likelihoods in nats; mean / max over the batch. NFE/b, wall/b: ours / scipy RK45 at
 the same tol (wall: median of the timed runs after a warm-up run). |d scipy|: |logp -
