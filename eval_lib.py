@@ -253,6 +253,7 @@ class EvalContext(NamedTuple):
   reference: Any = None
   sample_baselines: dict | None = None
   bpd_baselines: dict | None = None
+  sample_protocol: dict | None = None   # `sample_protocol`, its statistics file hashed once
 
 
 def _all_images(config, split):
@@ -269,7 +270,9 @@ def eval_context(config, comp, workdir):
   if names:
     evaluator = feature_evaluator(config)
     reference = load_stats(config, workdir, evaluator, comp.data_shape)
-    context = context._replace(evaluator=evaluator, reference=reference)
+    context = context._replace(
+        evaluator=evaluator, reference=reference,
+        sample_protocol=sample_protocol(config, workdir, evaluator, comp.data_shape[0]))
   if not (ec.enable_baselines and builder.is_image_data(config)):
     return context
   train = _all_images(config, 'train')
@@ -567,7 +570,7 @@ def _feature_sample_report(config, comp, params, key, png, round_dir, workdir, c
       kid_subset_size=ec.kid_subset_size, is_splits=ec.is_splits,
       seed=builder.stream_seed(config.seed, 'kid_subsets'))
   report.update(sample_features=ev.name,
-                sample_protocol=sample_protocol(config, workdir, ev, comp.data_shape[0]),
+                sample_protocol=context.sample_protocol,
                 num_samples=len(out), nfe_sampling=nfe, samples_png=os.path.abspath(png))
   if context.sample_baselines:
     report['sample_baselines'] = context.sample_baselines
