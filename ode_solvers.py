@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optimistix as optx
 
+import sde_lib
+
 
 class _SolverSpec(NamedTuple):
   cls: type
@@ -64,8 +66,7 @@ def per_example_rms_norm(tree) -> jax.Array:
   carries no gradient (diffrax stops the gradient of the accepted error too).
   """
   leaves = jax.tree.leaves(tree)
-  batch = leaves[0].shape[0]
-  sq = sum(jnp.sum(jnp.reshape(v, (batch, -1))**2, axis=1) for v in leaves)
+  sq = sum(sde_lib.sum_except_batch(v**2) for v in leaves)
   size = sum(math.prod(v.shape[1:]) for v in leaves)
   return jax.lax.stop_gradient(jnp.sqrt(jnp.max(sq, initial=0.0) / max(size, 1)))
 
