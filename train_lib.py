@@ -35,7 +35,8 @@ class TrainState:
 def init_state(config, comp: builder.Components) -> TrainState:
   key = builder.stream_key(config.seed, 'init')
   dummy_x = jnp.zeros((1,) + comp.data_shape)
-  params = comp.model.init(key, dummy_x, jnp.zeros((1,)))
+  # One compiled call: run eagerly, a paper network's init is hundreds of small compilations.
+  params = jax.jit(comp.model.init)(key, dummy_x, jnp.zeros((1,)))
   ema_params = jax.tree.map(jnp.copy, params)   # its own buffers: the state is donated
   return TrainState(jnp.zeros((), jnp.int32), params, ema_params, comp.optimizer.init(params))
 

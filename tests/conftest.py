@@ -1,9 +1,32 @@
-"""Shared test settings: silent broadcasting raises, and helpers over the analytic mixture."""
+"""Shared test settings: silent broadcasting raises, compiled programs are cached on disk for
+the whole run, and helpers over the analytic mixture."""
+import os
+import shutil
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+# One persistent compilation cache per test run, shared by the xdist workers and by the
+# processes the tests start (both inherit this environment from the first process): many
+# tests build the same program (a toy train step, a sampler) through fresh closures, which
+# JAX would otherwise compile again each time. It keys on the program: no result changes.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='score_sde_test_jax_cache_')
+  os.environ['SCORE_SDE_TEST_CACHE_OWNER'] = str(os.getpid())
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+
+
+def pytest_unconfigure(config):
+  """The process that made the run's cache (pytest itself, not an xdist worker) removes it."""
+  if os.environ.get('SCORE_SDE_TEST_CACHE_OWNER') == str(os.getpid()):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 import gaussian_mixture  # noqa: E402
 import sde_lib  # noqa: E402

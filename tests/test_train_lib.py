@@ -1,6 +1,4 @@
 """train_lib.py: the training loop, its checkpoints and resume, sharding, several processes."""
-import functools
-import hashlib
 import json
 import os
 import signal
@@ -15,24 +13,25 @@ import numpy as np
 import pytest
 
 import builder
-import datasets
 import eval_lib
-import parallel
-import run_lib
 import train_lib
-from run_helpers import (ROOT, free_port, image_config_files, main_process, restore_final,
-                         tiny_digits_config, tiny_paper_config, toy_config)
-from configs.toy import test as test_config
+from run_helpers import ROOT, free_port, main_process, restore_final, tiny_paper_config, toy_config
 
 
 def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
-  args = ['--mode', 'train', '--config.training.n_iters=1500', '--config.training.preemption_freq=50',
-          '--config.training.snapshot_freq=1500', '--config.training.snapshot_sampling=False',
-          '--config.training.log_freq=50']
+  """A run killed with SIGKILL and restarted ends with the parameters of an uninterrupted run.
+
+  The uninterrupted run is the same config trained in this process (the entry point only
+  parses flags into it); the killed one is the entry point in a child process.
+  """
+  n_iters, every = 300, 25
+  flags = {'training.n_iters': n_iters, 'training.preemption_freq': every,
+           'training.snapshot_freq': n_iters, 'training.snapshot_sampling': False,
+           'training.log_freq': every}
+  args = ['--mode', 'train'] + [f'--config.{k}={v}' for k, v in flags.items()]
+  config = toy_config(data_dir, **flags)
   straight = str(tmp_path / 'straight')
-  proc = main_process(args + ['--workdir', straight], data_dir)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out
+  train_lib.train(config, straight)
 
   killed = str(tmp_path / 'killed')
   proc = main_process(args + ['--workdir', killed], data_dir)
@@ -40,28 +39,28 @@ def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
   deadline = time.time() + 300
   while time.time() < deadline:
     done = [int(d) for d in (os.listdir(preempt) if os.path.isdir(preempt) else []) if d.isdigit()]
-    if done and max(done) >= 200:
+    if done and max(done) >= 100:
       break
-    time.sleep(0.02)
+    time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
-  assert not os.path.isdir(os.path.join(killed, 'checkpoints', 'snapshots', '1500')), 'killed too late'
+  assert not os.path.isdir(os.path.join(killed, 'checkpoints', 'snapshots', str(n_iters))), \
+      'killed too late'
   proc = main_process(args + ['--workdir', killed], data_dir)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   assert 'Resuming from step' in out
   resumed = int(out.split('Resuming from step ')[1].split()[0])
-  assert 200 <= resumed < 1500
+  assert 100 <= resumed < n_iters
 
-  config = toy_config(data_dir)
   a, step_a = restore_final(config, straight)
   b, step_b = restore_final(config, killed)
-  assert step_a == step_b == 1500
+  assert step_a == step_b == n_iters
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # metrics.jsonl has each logged step once, despite the restart.
   steps = [json.loads(line)['step'] for line in open(os.path.join(killed, 'metrics.jsonl'))]
-  assert steps == list(range(50, 1501, 50))
+  assert steps == list(range(every, n_iters + 1, every))
 
 
 SHARDED_SCRIPT = textwrap.dedent('''
@@ -126,18 +125,18 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
   assert len(prints) == 2 and prints[0] == prints[1], outs
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'snapshots', '30'))
 
-  # Evaluation and sampling split their batches and rounds between the two processes;
-  # the numbers must be those of one process doing everything.
-  shared = ['--workdir', workdir, '--config.training.n_iters=30', '--config.eval.batch_size=30',
-            '--config.eval.bpd_max_examples=100', '--config.eval.begin_ckpt=30']
-  for mode in ('eval', 'sample'):
-    port = free_port()
-    multi = [f'--mode={mode}', '--multihost', f'--coordinator_address=127.0.0.1:{port}',
-             '--num_processes=2'] + shared
-    procs = [main_process(multi + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-      assert p.returncode == 0, out
+  # Evaluation splits its batches and sampling rounds between the two processes (the
+  # sample mode draws through the same sample_rounds); the numbers must be those of one
+  # process doing everything. The energy distance of the samples changes with any sample.
+  port = free_port()
+  multi = ['--mode=eval', '--multihost', f'--coordinator_address=127.0.0.1:{port}',
+           '--num_processes=2', '--workdir', workdir, '--config.training.n_iters=30',
+           '--config.eval.batch_size=30', '--config.eval.bpd_max_examples=100',
+           '--config.eval.begin_ckpt=30']
+  procs = [main_process(multi + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
   report = json.load(open(os.path.join(workdir, 'eval', 'report_30.json')))
   config = toy_config(data_dir, **{'training.n_iters': 30, 'eval.batch_size': 30,
                                 'eval.bpd_max_examples': 100})
@@ -147,10 +146,6 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
   for key in ('eval_loss', 'bpd', 'bpd_stderr', 'test_logp_model', 'energy_distance_model',
               'nfe_likelihood', 'nfe_sampling', 'num_samples'):
     np.testing.assert_allclose(report[key], single[key], rtol=1e-5, err_msg=key)
-  samples = np.load(os.path.join(workdir, 'samples', 'samples_30.npz'))['samples']
-  x, _ = eval_lib.draw_samples(config, comp, state.ema_params,
-                               builder.stream_key(config.seed, 'sample'), config.sampling.num_samples)
-  np.testing.assert_allclose(samples, x, rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
