@@ -38,6 +38,7 @@ class GaussianMixture:
     """Full covariances ``[K, D, D]`` (low dimension)."""
     covs = np.asarray(covs, np.float64)
     lam, u = np.linalg.eigh(covs)
+    lam = np.maximum(lam, 0.0)     # a singular covariance's round-off
     means = np.asarray(means)
     return cls(jnp.asarray(weights, jnp.float32), jnp.asarray(means, jnp.float32),
                jnp.asarray(lam, jnp.float32), jnp.asarray(u, jnp.float32),
@@ -120,6 +121,43 @@ class GaussianMixture:
     if self.eigvecs is not None:
       z = jnp.einsum('nde,ne->nd', self.eigvecs[comp], z)
     return (self.means[comp] + z).reshape((n,) + self.event_shape)
+
+  def component_log_posterior(self, sde: sde_lib.SDE, x, t):
+    """log p_t(k | x) ``[batch, K]``: the exact class posterior of the perturbed mixture."""
+    a, std = sde.marginal_coeffs(t)
+    terms, _, _ = self._component_terms(x, a, std)
+    return jax.nn.log_softmax(terms, axis=-1)
+
+  def component(self, k: int) -> 'GaussianMixture':
+    """Component k alone, as a one-component mixture."""
+    eigvecs = None if self.eigvecs is None else self.eigvecs[k:k + 1]
+    return GaussianMixture(jnp.ones((1,), jnp.float32), self.means[k:k + 1],
+                           self.eigvals[k:k + 1], eigvecs, event_shape=self.event_shape)
+
+  def posterior(self, matrix, y, noise_std=0.0) -> 'GaussianMixture':
+    """The exact posterior of x given y = A x + noise_std z, one measurement y [m].
+
+    A mixture again: component k becomes N(mu_k + K_k (y - A mu_k), Sigma_k - K_k A Sigma_k)
+    with K_k = Sigma_k A^T S_k^-1, S_k = A Sigma_k A^T + noise_std^2 I, and its weight is
+    reweighted by N(y; A mu_k, S_k). Computed in float64 on the host (a test reference).
+    """
+    a = np.asarray(matrix, np.float64)
+    y = np.asarray(y, np.float64).reshape(-1)
+    covs = np.asarray(self.covs, np.float64)
+    means = np.asarray(self.means, np.float64)
+    new_means, new_covs, logw = [], [], []
+    for k in range(means.shape[0]):
+      s = a @ covs[k] @ a.T + noise_std**2 * np.eye(a.shape[0])
+      gain = np.linalg.solve(s, a @ covs[k]).T
+      r = y - a @ means[k]
+      new_means.append(means[k] + gain @ r)
+      cov = covs[k] - gain @ a @ covs[k]
+      new_covs.append((cov + cov.T) / 2)
+      _, logdet = np.linalg.slogdet(2 * np.pi * s)
+      logw.append(np.log(float(self.weights[k])) - 0.5 * (logdet + r @ np.linalg.solve(s, r)))
+    logw = np.asarray(logw)
+    w = np.exp(logw - logw.max())
+    return GaussianMixture.from_covs(w / w.sum(), np.stack(new_means), np.stack(new_covs))
 
   def assign(self, x):
     """Index of the most responsible component of each example of the clean mixture."""
