@@ -44,6 +44,12 @@ STREAMS = {
     'baseline_fit': 12,        # the Gaussian mixture baseline's initialization
     'kid_subsets': 13,         # KID's random subsets of the model's features
     'stats_kid_rows': 14,      # which dataset feature rows --mode stats keeps for KID
+    'classifier_init': 15,     # the noise-conditional classifier's initialization
+    'classifier_train': 16,    # its training noise and times
+    'classifier_eval': 17,     # the noise of its accuracy report
+    'conditional_samples': 18,  # --mode conditional
+    'inverse_truth': 19,       # --mode inverse: which test images, their measurement noise
+    'inverse_samples': 20,     # --mode inverse: the posterior samples
 }
 
 
@@ -284,6 +290,17 @@ def build(config, num_devices: int | None = None) -> Components:
   return build_components(config, data_shape, data_std, train_data, eval_data)
 
 
+def make_sampler(config, sde, shape):
+  """The config's sampler (``sampling`` section) for batches of ``shape``."""
+  s = config.sampling
+  if s.method == 'pc':
+    return sampling.get_pc_sampler(sde, shape, s.predictor, s.corrector, snr=s.snr,
+                                   n_steps=s.n_steps_each, probability_flow=s.probability_flow,
+                                   denoise=s.noise_removal, eps=s.eps)
+  return sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
+                                  eps=s.eps, denoise=s.noise_removal)
+
+
 def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
                      eval_data=None) -> Components:
   """The model, loss, optimizer and sampler for data of ``data_shape``; reads no data.
@@ -334,15 +351,7 @@ def build_components(config, data_shape, data_std: float = 1.0, train_data=None,
                            weight_decay=config.optim.weight_decay))
   optimizer = optax.chain(*chain)
 
-  shape = (config.sampling.batch_size,) + data_shape
-  s = config.sampling
-  if s.method == 'pc':
-    sampler = sampling.get_pc_sampler(sde, shape, s.predictor, s.corrector, snr=s.snr,
-                                      n_steps=s.n_steps_each, probability_flow=s.probability_flow,
-                                      denoise=s.noise_removal, eps=s.eps)
-  else:
-    sampler = sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
-                                       eps=s.eps, denoise=s.noise_removal)
+  sampler = make_sampler(config, sde, (config.sampling.batch_size,) + data_shape)
   return Components(sde, model, train_data, eval_data, data_shape, data_std, score_fn, loss_fn,
                     eval_loss_fn, optimizer, schedule, sampler,
                     2.0 if config.data.centered else 1.0)

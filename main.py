@@ -1,4 +1,7 @@
-"""Entry point: python main.py --config CONFIG --workdir DIR --mode train|eval|sample|stats|all.
+"""Entry point: python main.py --config CONFIG --workdir DIR --mode MODE.
+
+Modes: train | eval | sample | stats | all (train, then eval) | train_classifier (the noise-
+conditional classifier of class guidance) | conditional (class-guided samples).
 
 --mode stats computes the dataset statistics that FID/KID compare with (eval_lib.compute_stats):
 once per dataset, before eval on image data (digits compute theirs on the fly).
@@ -13,7 +16,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/toy/mixture.py', 'Config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples, metrics and reports.')
-flags.DEFINE_enum('mode', 'all', ['train', 'eval', 'sample', 'stats', 'all'], 'What to run.')
+flags.DEFINE_enum('mode', 'all', ['train', 'eval', 'sample', 'stats', 'all', 'train_classifier',
+                                  'conditional'], 'What to run.')
 flags.DEFINE_bool('multihost', False, 'Join other processes with jax.distributed.initialize.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multihost, non-TPU).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multihost, non-TPU).')

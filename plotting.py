@@ -14,14 +14,15 @@ def _pyplot():
   return plt
 
 
-def image_grid(x, centered=False):
-  """[N, H, W, C] in [0, 1] (or [-1, 1]) to one uint8 [rows H, cols W, C] grid."""
+def image_grid(x, centered=False, cols=None):
+  """[N, H, W, C] in [0, 1] (or [-1, 1]) to one uint8 [rows H, cols W, C] grid (cols: default
+  about sqrt(N))."""
   x = np.asarray(x, np.float32)
   if centered:
     x = (x + 1) / 2
   x = np.clip(x, 0, 1)
   n, h, w, c = x.shape
-  cols = int(math.ceil(math.sqrt(n)))
+  cols = cols or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
   grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
   for i in range(n):
@@ -30,7 +31,7 @@ def image_grid(x, centered=False):
   return (grid * 255).round().astype(np.uint8)
 
 
-def save_samples(path, x, dataset, centered=False, log_prob=None, title=None):
+def save_samples(path, x, dataset, centered=False, log_prob=None, title=None, cols=None):
   """Writes a PNG: a scatter plot (over contours of ``log_prob`` if given) or an image grid."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   x = np.asarray(x)
@@ -58,7 +59,7 @@ def save_samples(path, x, dataset, centered=False, log_prob=None, title=None):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-  grid = image_grid(x[:256], centered)
+  grid = image_grid(x[:256], centered, cols)
   scale = max(1, 256 // grid.shape[0])
   grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8))
   if grid.shape[-1] == 1:

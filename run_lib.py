@@ -10,13 +10,15 @@ import eval_lib
 import train_lib
 
 
-MODES = ('train', 'eval', 'sample', 'stats', 'all')
+MODES = ('train', 'eval', 'sample', 'stats', 'all', 'train_classifier', 'conditional')
 
 
 def run(config, workdir, mode):
   """Dispatches one mode; 'all' trains, then evaluates. Returns the written paths.
 
   'stats' computes the dataset statistics that FID/KID compare with (`compute_stats`).
+  'train_classifier' trains the noise-conditional classifier of class guidance and
+  'conditional' draws class-conditional samples with it (classifier_lib.py).
   'all' first checks that the evaluation can run (feature network, statistics), so that a
   missing file fails before training rather than after it.
   """
@@ -31,6 +33,11 @@ def run(config, workdir, mode):
     return eval_lib.evaluate(config, workdir)
   if mode == 'stats':
     return [eval_lib.compute_stats(config, workdir)[0]]
+  if mode in ('train_classifier', 'conditional'):
+    import classifier_lib   # the classifier's modules load only for these modes
+    if mode == 'train_classifier':
+      return [classifier_lib.train_classifier(config, workdir)]
+    return [classifier_lib.conditional(config, workdir)]
   if eval_lib.sample_metric_names(config):
     shape = builder.dataset(config, config.eval.stats_split, 1, False).data_shape
     eval_lib.load_stats(config, workdir, eval_lib.feature_evaluator(config), shape)

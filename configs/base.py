@@ -150,6 +150,26 @@ def get_base_config():
   evaluate.enable_baselines = False
   evaluate.gmm_components = 10
 
+  # The noise-conditional classifier of class guidance (--mode train_classifier), trained on
+  # the training split perturbed by the run's SDE; models/classifier.py.
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.model = 'cnn'            # cnn (small, digits) | wideresnet (CIFAR-10: depth 28, widen 10)
+  classifier.nf = 32                  # cnn width
+  classifier.depth = 28               # wideresnet
+  classifier.widen = 10               # wideresnet
+  classifier.dropout = 0.0            # wideresnet
+  classifier.n_iters = 3000
+  classifier.batch_size = 128
+  classifier.lr = 1e-3
+  classifier.checkpoint_freq = 500    # resumable checkpoints (atomic)
+  classifier.eps = 1e-3               # t ~ U(eps, T)
+  classifier.eval_times = (0.001, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)   # accuracy per noise level
+
+  # --mode conditional: class-conditional samples by classifier guidance.
+  config.conditional = conditional = ml_collections.ConfigDict()
+  conditional.scale = 1.0             # guidance scale: s + scale * grad log p_t(y | x)
+  conditional.samples_per_class = 10
+
   config.lock()
   return config
 

@@ -24,8 +24,8 @@ def toy_config(data_dir, **overrides):
   return config
 
 
-def main_process(args, data_dir, env=None, **kwargs):
-  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', os.path.join(ROOT, 'configs/toy/test.py'),
+def main_process(args, data_dir, env=None, config_file='configs/toy/test.py', **kwargs):
+  cmd = [sys.executable, os.path.join(ROOT, 'main.py'), '--config', os.path.join(ROOT, config_file),
          f'--config.data.data_dir={data_dir}'] + args
   full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
   return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

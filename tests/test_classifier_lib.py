@@ -1,0 +1,99 @@
+"""classifier_lib.py and models/classifier.py: the noise-conditional classifier (training,
+resume, accuracy per noise level) and class-conditional sampling from the entry point."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import classifier_lib
+import train_lib
+from models import classifier as classifier_models
+from run_helpers import main_process, tiny_digits_config
+
+
+def _classifier_config(data_dir, n_iters=300):
+  config = tiny_digits_config(data_dir)
+  config.classifier.update(n_iters=n_iters, checkpoint_freq=100, batch_size=64, nf=16, lr=2e-3,
+                           eval_times=(0.001, 0.1, 1.0))
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  """A tiny digits classifier, trained once for this module's tests."""
+  workdir = str(tmp_path_factory.mktemp('classifier'))
+  config = _classifier_config(data_dir)
+  path = classifier_lib.train_classifier(config, workdir)
+  return config, workdir, json.load(open(path))
+
+
+def test_classifier_learns_clean_digits_and_knows_nothing_at_the_prior(trained):
+  """VP SDE: at t = 0.001 the images are clean, at t = 1 the signal is e^-5 of the noise."""
+  _, _, report = trained
+  acc = dict(zip(report['eval_times'], report['accuracy']))
+  assert report['num_examples'] == 297          # the whole digits test split
+  assert acc[0.001] > 0.85, acc                  # measured 0.93 after 300 steps
+  assert acc[1.0] < 0.2, acc                     # chance is 0.1
+  assert acc[0.001] >= acc[0.1] >= acc[1.0] - 0.05, acc
+
+
+def test_classifier_training_resumes_to_the_same_parameters(data_dir, tmp_path):
+  config = _classifier_config(data_dir, n_iters=200)
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  classifier_lib.train_classifier(config, straight)
+  config_half = _classifier_config(data_dir, n_iters=100)
+  classifier_lib.train_classifier(config_half, resumed)          # as if killed at step 100
+  classifier_lib.train_classifier(config, resumed)
+  a = open(os.path.join(straight, 'classifier', 'checkpoint.msgpack'), 'rb').read()
+  b = open(os.path.join(resumed, 'classifier', 'checkpoint.msgpack'), 'rb').read()
+  assert a == b
+
+
+def test_damaged_classifier_checkpoint_is_not_trusted(trained, tmp_path):
+  config, workdir, _ = trained
+  damaged = tmp_path / 'classifier'
+  damaged.mkdir()
+  data = open(os.path.join(workdir, 'classifier', 'checkpoint.msgpack'), 'rb').read()
+  (damaged / 'checkpoint.msgpack').write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match='checkpoint.msgpack is damaged'):
+    classifier_lib.train_classifier(config, str(tmp_path))
+
+
+def test_conditional_mode_writes_a_grid_and_the_target_accuracy(trained, data_dir):
+  """The entry point end to end on a 2-step score model: the mechanics, not the quality
+  (README's measured figures come from a trained model)."""
+  config, workdir, _ = trained
+  train_lib.train(config, workdir)
+  args = ['--mode', 'conditional', '--workdir', workdir, '--config.model.nf=8', '--config.model.ch_mult=(1,)', '--config.model.embed_dim=16',
+          '--config.sde.num_scales=10', '--config.training.n_iters=2',
+          '--config.training.batch_size=16', '--config.classifier.n_iters=300',
+          '--config.classifier.nf=16', '--config.classifier.batch_size=64',
+          '--config.conditional.samples_per_class=2', '--config.conditional.scale=2.0']
+  proc = main_process(args, data_dir, config_file='configs/vp/digits.py')
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  report = json.load(open(os.path.join(workdir, 'conditional', 'report_2_scale_2.json')))
+  assert report['num_samples'] == 20 and report['scale'] == 2.0
+  assert report['nfe'] == 10 * 2                 # reverse diffusion + Langevin per level
+  assert 0.0 <= report['target_accuracy'] <= 1.0 and len(report['target_accuracy_per_class']) == 10
+  assert os.path.isfile(report['samples_png'])
+
+
+def test_classifier_networks_and_their_errors():
+  x, t = jnp.zeros((2, 8, 8, 3)), jnp.array([0.1, 0.9])
+  wrn = classifier_models.NoiseConditionalWideResNet(depth=10, widen=1)
+  params = jax.eval_shape(wrn.init, jax.random.PRNGKey(0), x, t)     # shapes only: no compile
+  assert jax.eval_shape(wrn.apply, params, x, t).shape == (2, 10)
+  with pytest.raises(ValueError, match='depth must be 6 n \\+ 4, got 12'):
+    jax.eval_shape(classifier_models.NoiseConditionalWideResNet(depth=12).init,
+                   jax.random.PRNGKey(0), x, t)
+  with pytest.raises(ValueError, match=r"Unknown classifier 'resnet'.*'cnn', 'wideresnet'"):
+    classifier_models.get_classifier('resnet')
+  cnn = classifier_models.NoiseConditionalCNN(nf=8)
+  params = cnn.init(jax.random.PRNGKey(0), x, t)
+  a = cnn.apply(params, x + 1.0, jnp.array([0.1, 0.1]))
+  b = cnn.apply(params, x + 1.0, jnp.array([0.9, 0.9]))
+  assert not np.allclose(a, b), 'the logits must depend on t'
