@@ -192,7 +192,8 @@ def conditional(config, workdir):
   plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered,
                         cols=per_class)
   report = {'step': int(step), 'scale': float(config.conditional.scale), 'nfe': int(nfe),
-            'wall_seconds': wall, 'num_samples': len(x), 'samples_png': os.path.abspath(png)}
+            'wall_seconds': wall, 'num_samples': len(x), 'all_finite': bool(np.all(np.isfinite(x))),
+            'samples_png': os.path.abspath(png)}
   if config.data.dataset == 'digits':
     images = evaluation.quantize_samples(
         np.asarray(eval_lib.datasets.inverse_scaler(config.data.centered)(x)))

@@ -256,7 +256,7 @@ class EvalContext(NamedTuple):
   sample_protocol: dict | None = None   # `sample_protocol`, its statistics file hashed once
 
 
-def _all_images(config, split):
+def all_images(config, split):
   """Every image of a split, ordered, scaled as the model sees it (no dequantization)."""
   data = builder.dataset(config, split, config.eval.batch_size, False)
   return np.concatenate([builder.batch_x(data.batch(i)) for i in range(data.steps_per_epoch)])
@@ -275,13 +275,13 @@ def eval_context(config, comp, workdir):
         sample_protocol=sample_protocol(config, workdir, evaluator, comp.data_shape[0]))
   if not (ec.enable_baselines and builder.is_image_data(config)):
     return context
-  train = _all_images(config, 'train')
+  train = all_images(config, 'train')
   inverse = datasets.inverse_scaler(config.data.centered)
   if names:
     # Floor: held-out real images; ceiling: a Gaussian fit to the training images. Both as
     # many as the model's samples (the floor at most the whole eval split).
     n = config.sampling.num_samples
-    held_out = inverse(_all_images(config, ec.split)[:n])
+    held_out = inverse(all_images(config, ec.split)[:n])
     mean, cov = evaluation.fit_gaussian(inverse(train))
     fake = evaluation.sample_gaussian(builder.stream_key(config.seed, 'gaussian_ceiling'), mean, cov, n,
                                       comp.data_shape)

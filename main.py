@@ -1,7 +1,8 @@
 """Entry point: python main.py --config CONFIG --workdir DIR --mode MODE.
 
 Modes: train | eval | sample | stats | all (train, then eval) | train_classifier (the noise-
-conditional classifier of class guidance) | conditional (class-guided samples).
+conditional classifier of class guidance) | conditional (class-guided samples) | inverse
+(posterior samples for measured test images: inpainting, super-resolution, MRI, CT, ...).
 
 --mode stats computes the dataset statistics that FID/KID compare with (eval_lib.compute_stats):
 once per dataset, before eval on image data (digits compute theirs on the fly).
@@ -17,7 +18,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/toy/mixture.py', 'Config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, samples, metrics and reports.')
 flags.DEFINE_enum('mode', 'all', ['train', 'eval', 'sample', 'stats', 'all', 'train_classifier',
-                                  'conditional'], 'What to run.')
+                                  'conditional', 'inverse'], 'What to run.')
 flags.DEFINE_bool('multihost', False, 'Join other processes with jax.distributed.initialize.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multihost, non-TPU).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multihost, non-TPU).')

@@ -10,7 +10,7 @@ import eval_lib
 import train_lib
 
 
-MODES = ('train', 'eval', 'sample', 'stats', 'all', 'train_classifier', 'conditional')
+MODES = ('train', 'eval', 'sample', 'stats', 'all', 'train_classifier', 'conditional', 'inverse')
 
 
 def run(config, workdir, mode):
@@ -18,7 +18,8 @@ def run(config, workdir, mode):
 
   'stats' computes the dataset statistics that FID/KID compare with (`compute_stats`).
   'train_classifier' trains the noise-conditional classifier of class guidance and
-  'conditional' draws class-conditional samples with it (classifier_lib.py).
+  'conditional' draws class-conditional samples with it (classifier_lib.py); 'inverse' samples
+  posteriors of measured test images (inverse_lib.py).
   'all' first checks that the evaluation can run (feature network, statistics), so that a
   missing file fails before training rather than after it.
   """
@@ -38,6 +39,9 @@ def run(config, workdir, mode):
     if mode == 'train_classifier':
       return [classifier_lib.train_classifier(config, workdir)]
     return [classifier_lib.conditional(config, workdir)]
+  if mode == 'inverse':
+    import inverse_lib
+    return [inverse_lib.inverse(config, workdir)]
   if eval_lib.sample_metric_names(config):
     shape = builder.dataset(config, config.eval.stats_split, 1, False).data_shape
     eval_lib.load_stats(config, workdir, eval_lib.feature_evaluator(config), shape)

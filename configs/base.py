@@ -170,6 +170,25 @@ def get_base_config():
   conditional.scale = 1.0             # guidance scale: s + scale * grad log p_t(y | x)
   conditional.samples_per_class = 10
 
+  # --mode inverse: posterior samples for y = A x + noise on test images (inverse_lib.py).
+  config.inverse = inverse = ml_collections.ConfigDict()
+  inverse.task = 'inpainting'         # inpainting | colorization | super_resolution |
+                                      # compressed_sensing | mri | ct
+  inverse.method = 'projection'       # imputation | projection | dps | moment_matching
+  inverse.noise_std = 0.0             # measurement noise, in the model's data scale
+  inverse.weight = 1.0                # projection: lambda
+  inverse.step_size = 0.1             # dps: zeta
+  inverse.cg_iters = 20               # moment_matching
+  inverse.num_examples = 8            # the first test images
+  inverse.samples_per_example = 4
+  inverse.mask = 'half'               # inpainting: half (the right half hidden) | random
+  inverse.mask_fraction = 0.3         # inpainting, random: share of pixels observed
+  inverse.factor = 2                  # super_resolution
+  inverse.measurement_ratio = 0.25    # compressed_sensing: m / d
+  inverse.acceleration = 4            # mri: about W / acceleration frequency lines
+  inverse.center_lines = 2            # mri: lowest frequencies always sampled
+  inverse.num_angles = 4              # ct
+
   config.lock()
   return config
 

@@ -66,9 +66,11 @@ def test_conditional_mode_writes_a_grid_and_the_target_accuracy(trained, data_di
   """The entry point end to end on a 2-step score model: the mechanics, not the quality
   (README's measured figures come from a trained model)."""
   config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.sde.num_scales = 50    # VP's Langevin step needs beta_max / N < 1 (alpha = 1 - beta_i)
   train_lib.train(config, workdir)
   args = ['--mode', 'conditional', '--workdir', workdir, '--config.model.nf=8', '--config.model.ch_mult=(1,)', '--config.model.embed_dim=16',
-          '--config.sde.num_scales=10', '--config.training.n_iters=2',
+          '--config.sde.num_scales=50', '--config.training.n_iters=2',
           '--config.training.batch_size=16', '--config.classifier.n_iters=300',
           '--config.classifier.nf=16', '--config.classifier.batch_size=64',
           '--config.conditional.samples_per_class=2', '--config.conditional.scale=2.0']
@@ -76,8 +78,8 @@ def test_conditional_mode_writes_a_grid_and_the_target_accuracy(trained, data_di
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   report = json.load(open(os.path.join(workdir, 'conditional', 'report_2_scale_2.json')))
-  assert report['num_samples'] == 20 and report['scale'] == 2.0
-  assert report['nfe'] == 10 * 2                 # reverse diffusion + Langevin per level
+  assert report['num_samples'] == 20 and report['scale'] == 2.0 and report['all_finite']
+  assert report['nfe'] == 50 * 2                 # reverse diffusion + Langevin per level
   assert 0.0 <= report['target_accuracy'] <= 1.0 and len(report['target_accuracy_per_class']) == 10
   assert os.path.isfile(report['samples_png'])
 
