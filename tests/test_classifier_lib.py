@@ -99,3 +99,17 @@ def test_classifier_networks_and_their_errors():
   a = cnn.apply(params, x + 1.0, jnp.array([0.1, 0.1]))
   b = cnn.apply(params, x + 1.0, jnp.array([0.9, 0.9]))
   assert not np.allclose(a, b), 'the logits must depend on t'
+
+
+def test_cifar10_classifier_config_builds_a_wide_resnet_28_10():
+  from configs.ve import cifar10_classifier
+  config = cifar10_classifier.get_config()
+  model = classifier_lib.make_classifier(config)
+  assert isinstance(model, classifier_models.NoiseConditionalWideResNet)
+  assert (model.depth, model.widen) == (28, 10)
+  x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
+  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  # WRN-28-10 has 36.5 M parameters; the time embedding adds a 128 -> width projection per
+  # block (0.57 M) and its own two layers: 37.10 M.
+  assert 37.0e6 < count < 37.2e6, count
