@@ -14,9 +14,9 @@ from models import classifier as classifier_models
 from run_helpers import main_process, tiny_digits_config
 
 
-def _classifier_config(data_dir, n_iters=300):
+def _classifier_config(data_dir, n_iters=300, checkpoint_freq=100):
   config = tiny_digits_config(data_dir)
-  config.classifier.update(n_iters=n_iters, checkpoint_freq=100, batch_size=64, nf=16, lr=2e-3,
+  config.classifier.update(n_iters=n_iters, checkpoint_freq=checkpoint_freq, batch_size=64, nf=16, lr=2e-3,
                            eval_times=(0.001, 0.1, 1.0))
   return config
 
@@ -41,11 +41,11 @@ def test_classifier_learns_clean_digits_and_knows_nothing_at_the_prior(trained):
 
 
 def test_classifier_training_resumes_to_the_same_parameters(data_dir, tmp_path):
-  config = _classifier_config(data_dir, n_iters=200)
+  config = _classifier_config(data_dir, n_iters=40, checkpoint_freq=20)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
   classifier_lib.train_classifier(config, straight)
-  config_half = _classifier_config(data_dir, n_iters=100)
-  classifier_lib.train_classifier(config_half, resumed)          # as if killed at step 100
+  config_half = _classifier_config(data_dir, n_iters=20, checkpoint_freq=20)
+  classifier_lib.train_classifier(config_half, resumed)          # as if killed at step 20
   classifier_lib.train_classifier(config, resumed)
   a = open(os.path.join(straight, 'classifier', 'checkpoint.msgpack'), 'rb').read()
   b = open(os.path.join(resumed, 'classifier', 'checkpoint.msgpack'), 'rb').read()
@@ -67,10 +67,10 @@ def test_conditional_mode_writes_a_grid_and_the_target_accuracy(trained, data_di
   (README's measured figures come from a trained model)."""
   config, workdir, _ = trained
   config = config.copy_and_resolve_references()
-  config.sde.num_scales = 50    # VP's Langevin step needs beta_max / N < 1 (alpha = 1 - beta_i)
+  config.sde.num_scales = 25    # VP's Langevin step needs beta_max / N < 1 (alpha = 1 - beta_i)
   train_lib.train(config, workdir)
   args = ['--mode', 'conditional', '--workdir', workdir, '--config.model.nf=8', '--config.model.ch_mult=(1,)', '--config.model.embed_dim=16',
-          '--config.sde.num_scales=50', '--config.training.n_iters=2',
+          '--config.sde.num_scales=25', '--config.training.n_iters=2',
           '--config.training.batch_size=16', '--config.classifier.n_iters=300',
           '--config.classifier.nf=16', '--config.classifier.batch_size=64',
           '--config.conditional.samples_per_class=2', '--config.conditional.scale=2.0']
@@ -79,7 +79,7 @@ def test_conditional_mode_writes_a_grid_and_the_target_accuracy(trained, data_di
   assert proc.returncode == 0, out
   report = json.load(open(os.path.join(workdir, 'conditional', 'report_2_scale_2.json')))
   assert report['num_samples'] == 20 and report['scale'] == 2.0 and report['all_finite']
-  assert report['nfe'] == 50 * 2                 # reverse diffusion + Langevin per level
+  assert report['nfe'] == 25 * 2                 # reverse diffusion + Langevin per level
   assert 0.0 <= report['target_accuracy'] <= 1.0 and len(report['target_accuracy_per_class']) == 10
   assert os.path.isfile(report['samples_png'])
 

@@ -65,15 +65,23 @@ def test_nearest_training_image_baseline_finds_a_measured_training_image():
   np.testing.assert_allclose(op.forward(jnp.asarray(out['mean_fill'])), y, atol=1e-5)
 
 
+@pytest.fixture(scope='module')
+def tiny_model(data_dir, tmp_path_factory):
+  """A 2-step digits model, trained once for the mode's tests."""
+  config = tiny_digits_config(data_dir)
+  config.sde.num_scales = 25    # VP's Langevin step needs beta_max / N < 1 (alpha = 1 - beta_i)
+  workdir = str(tmp_path_factory.mktemp('inverse'))
+  train_lib.train(config, workdir)
+  return config, workdir
+
+
 @pytest.mark.parametrize('task,method', [('inpainting', 'imputation'), ('mri', 'dps')])
-def test_inverse_mode_writes_picture_and_report(data_dir, tmp_path, task, method):
+def test_inverse_mode_writes_picture_and_report(tiny_model, task, method):
   """The mode end to end on a 2-step digits model: the mechanics and the exact consistency of
   a noiseless imputation, not the quality (the benchmark measures that)."""
-  config = tiny_digits_config(data_dir)
-  config.sde.num_scales = 50    # VP's Langevin step needs beta_max / N < 1 (alpha = 1 - beta_i)
+  config, workdir = tiny_model
+  config = config.copy_and_resolve_references()
   config.inverse.update(task=task, method=method, num_examples=3, samples_per_example=2)
-  workdir = str(tmp_path)
-  train_lib.train(config, workdir)
   report = json.load(open(inverse_lib.inverse(config, workdir)))
   assert report['nfe'] == config.sde.num_scales * (2 if method == 'imputation' else 1)
   assert os.path.isfile(report['picture']) and report['all_finite']
