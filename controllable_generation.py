@@ -367,12 +367,14 @@ def tweedie_denoiser(sde, score_fn, x, t):
   return (x + batch_broadcast(std**2, x) * score_fn(x, t)) / batch_broadcast(a, x)
 
 
-def _moment_matching(sde, operator, noise_std, cg_iters, score_fn, y, x, t):
+def _moment_matching(sde, operator, noise_std, cg_iters, data_var, max_time, score_fn, y, x, t):
   """score + grad_x log N(y; A E[x_0|x_t], A Cov[x_0|x_t] A^T + noise_std^2 I), per example.
 
   The covariance is taken as constant in x_t (exact for Gaussian data, whose posterior
-  covariance does not depend on x_t); the solve is conjugate gradients on matrix-vector
-  products through the score's Jacobian (one linearization, one JVP per iteration).
+  covariance does not depend on x_t). With ``data_var`` None it is Tweedie's (s^2 / a) J
+  through the score's Jacobian J (one linearization, one JVP per CG iteration); with a
+  number v it is the isotropic v s^2 / (a^2 v + s^2) I of Gaussian data of variance v (as
+  PiGDM), which needs no JVP and keeps the system positive definite.
   """
   a, std = sde.marginal_coeffs(t)
 
@@ -384,24 +386,39 @@ def _moment_matching(sde, operator, noise_std, cg_iters, score_fn, y, x, t):
     vjp = lambda v: (v + s1**2 * score_vjp(v)[0]) / a1
     residual = y1 - operator.forward(x0[None])[0]
 
-    def cov_y(v):      # (A Cov A^T + noise^2 I) v with Cov = (s^2 / a) J
-      ju = jvp(operator.adjoint(v[None])[0])
-      return (s1**2 / a1) * operator.forward(ju[None])[0] + noise_std**2 * v
+    def cov_y(v):      # (A Cov A^T + noise^2 I) v
+      u = operator.adjoint(v[None])[0]
+      if data_var is None:
+        cu = (s1**2 / a1) * jvp(u)
+      else:
+        cu = data_var * s1**2 / (a1**2 * data_var + s1**2) * u
+      return operator.forward(cu[None])[0] + noise_std**2 * v
 
     w = jax.scipy.sparse.linalg.cg(cov_y, residual, maxiter=cg_iters, tol=1e-6)[0]
-    return score + vjp(operator.adjoint(w[None])[0])
+    return score + jnp.where(t1 <= max_time, 1.0, 0.0) * vjp(operator.adjoint(w[None])[0])
 
   return jax.vmap(one)(x, t, y, a, std)
 
 
-def moment_matching_score(sde, operator, score_fn, y, noise_std=0.0, cg_iters=50):
+def moment_matching_score(sde, operator, score_fn, y, noise_std=0.0, cg_iters=50,
+                          covariance='jacobian', data_var=1.0, max_time=None):
   """The posterior score with p_t(y | x_t) ~ N(A E[x_0|x_t], A Cov[x_0|x_t] A^T + noise^2 I).
 
-  Exact when the data distribution is Gaussian. A score function: it plugs into the PC
-  and ODE samplers alike. Each evaluation costs one score evaluation, its linearization
-  and up to ``cg_iters`` Jacobian-vector products.
+  covariance 'jacobian': Tweedie's second-order formula through the score's Jacobian, exact
+  when the data distribution is Gaussian; each evaluation costs a score evaluation, its
+  linearization and up to ``cg_iters`` Jacobian-vector products. A learned score's Jacobian
+  can make the system indefinite (CG then diverges; see the README's digits figures).
+  covariance 'isotropic': Cov = data_var s^2 / (a^2 data_var + s^2) I (PiGDM's choice),
+  positive definite and without JVPs. ``max_time``: no guidance above this time. At high
+  noise d x0_hat / d x_t is small for the true score but a learned score's error in it is
+  amplified by 1 / a(t); the true guidance is nearly zero there anyway. A score function: it
+  plugs into the PC and ODE samplers alike.
   """
+  if covariance not in ('jacobian', 'isotropic'):
+    raise ValueError(f"covariance must be 'jacobian' or 'isotropic', got {covariance!r}")
   return jax.tree_util.Partial(_moment_matching, sde, operator, noise_std, cg_iters,
+                               None if covariance == 'jacobian' else float(data_var),
+                               sde.T if max_time is None else float(max_time),
                                sde_lib.as_pytree(score_fn), y)
 
 
@@ -438,7 +455,8 @@ def dps_score(sde, operator, score_fn, y, step_size=1.0):
 
 INVERSE_METHODS = ('imputation', 'projection', 'dps', 'moment_matching')
 _OPTIONS = {'imputation': {}, 'projection': {'weight': 1.0}, 'dps': {'step_size': 1.0},
-            'moment_matching': {'cg_iters': 50}}
+            'moment_matching': {'cg_iters': 50, 'covariance': 'jacobian', 'data_var': 1.0,
+                                'max_time': None}}
 
 
 def _perturbed_measurement(sde, operator, key, y, t, shape):
@@ -463,7 +481,8 @@ def get_inverse_sampler(sde, operator, shape, method, *, noise_std=0.0,
       y_t = a y + s A z (weight: their lambda in [0, 1]).
     'dps': diffusion posterior sampling, option step_size (see ``dps_score``).
     'moment_matching': the Tweedie moment-matched likelihood (``moment_matching_score``),
-      exact for Gaussian data; option cg_iters.
+      exact for Gaussian data; options cg_iters, covariance ('jacobian' | 'isotropic'),
+      data_var (isotropic), max_time (no guidance above it).
   With noiseless measurements, imputation and projection end with x <- x + weight A^+ (y -
   A x), so that the measured part is exact (weight 1). ``corrector`` defaults to 'langevin'
   for imputation and projection, 'none' for the guided methods (DPS's chain).
@@ -505,7 +524,8 @@ def get_inverse_sampler(sde, operator, shape, method, *, noise_std=0.0,
     if method == 'dps':
       score_fn = dps_score(sde, operator, score_fn, y, opts['step_size'])
     elif method == 'moment_matching':
-      score_fn = moment_matching_score(sde, operator, score_fn, y, noise_std, opts['cg_iters'])
+      score_fn = moment_matching_score(sde, operator, score_fn, y, noise_std, opts['cg_iters'],
+                                       opts['covariance'], opts['data_var'], opts['max_time'])
     k_prior, k_init, k_loop = jax.random.split(key, 3)
     x = sde.prior_sampling(k_prior, shape)
     t_start = jnp.full(shape[:1], sde.T)

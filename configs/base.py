@@ -179,6 +179,10 @@ def get_base_config():
   inverse.weight = 1.0                # projection: lambda
   inverse.step_size = 0.1             # dps: zeta
   inverse.cg_iters = 20               # moment_matching
+  inverse.covariance = 'isotropic'    # moment_matching: isotropic (PiGDM's, stable) | jacobian
+                                      # (Tweedie's through the score's Jacobian: exact for
+                                      # Gaussian data, can diverge with a learned score)
+  inverse.max_time = 0.5              # moment_matching: no guidance above this t (0: none)
   inverse.num_examples = 8            # the first test images
   inverse.samples_per_example = 4
   inverse.mask = 'half'               # inpainting: half (the right half hidden) | random

@@ -279,3 +279,31 @@ def test_inverse_methods_on_the_mixture_against_the_exact_posterior(mixture, sde
     assert residual.std() <= bound_r and abs(residual.mean()) <= max(bound_r, 2e-3), residual.std()
   else:
     assert bound_r[0] < residual.std() < bound_r[1], residual.std()
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+def test_isotropic_moment_matching_is_exact_for_isotropic_gaussian_data(name):
+  """Cov[x_0 | x_t] = v s^2 / (a^2 v + s^2) I exactly when the data are N(mu, v I)."""
+  v = 0.7
+  data = gaussian_mixture.GaussianMixture.from_covs([1.0], [[0.5, -1.0, 0.3]], [v * np.eye(3)])
+  sde = make_sde(name, N=100)
+  op = POINT_OPERATORS['matrix']
+  y1 = op.forward(jnp.asarray(X_TRUE, jnp.float32)[None])
+  n = 24
+  t = jnp.tile(jnp.array([0.01, 0.1, 0.5, 1.0]), n // 4)
+  x = data.sample(jax.random.PRNGKey(8), n)
+  score = cg.moment_matching_score(sde, op, data.score_fn(sde), jnp.broadcast_to(y1, (n, 2)), 0.1,
+                                   covariance='isotropic', data_var=v)
+  want = np.asarray(data.posterior(_dense(op), y1[0], 0.1).perturbed_score(sde, x, t))
+  rel = np.abs(np.asarray(score(x, t)) - want).max(axis=1) / np.abs(want).max(axis=1)
+  assert rel.max() < 2e-3, rel.max()
+  # Above max_time the guidance is off: the score is the unconditional one.
+  capped = cg.moment_matching_score(sde, op, data.score_fn(sde), jnp.broadcast_to(y1, (n, 2)), 0.1,
+                                    covariance='isotropic', data_var=v, max_time=0.3)
+  got = np.asarray(capped(x, t))
+  high = np.asarray(t) > 0.3
+  np.testing.assert_allclose(got[high], np.asarray(data.perturbed_score(sde, x, t))[high], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(got[~high], np.asarray(score(x, t))[~high], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="covariance must be 'jacobian' or 'isotropic'"):
+    cg.moment_matching_score(sde, op, data.score_fn(sde), y1, covariance='diagonal')
