@@ -46,4 +46,7 @@ def get_config():
   config.eval.enable_kid = True
   config.eval.enable_inception_score = True
   config.eval.enable_baselines = True
+  # Class guidance: at scale 2 the embedded classifier assigns 96% of the guided samples of a
+  # 6000-step VP model to their target class (87% at scale 1; README, Measured).
+  config.conditional.scale = 2.0
   return config
