@@ -294,16 +294,21 @@ class FourierSubsampling(LinearOperator):
 
 
 def fourier_mask(key, size: int, acceleration: int = 4, center_lines: int = 4) -> np.ndarray:
-  """Cartesian undersampling: the center_lines lowest frequencies and random other lines
-  (columns) for about size / acceleration lines in all."""
-  freqs = np.abs(np.fft.fftfreq(size) * size)
-  center = np.argsort(freqs, kind='stable')[:center_lines]
-  rest = np.setdiff1d(np.arange(size), center)
-  extra = max(size // acceleration - center_lines, 0)
-  chosen = np.asarray(jax.random.choice(key, rest, (min(extra, len(rest)),), replace=False))
+  """Cartesian undersampling, symmetric under k -> -k: the center_lines lowest frequencies
+  (DC, then +-1, +-2, ...) and random +-k pairs of other lines (columns), about
+  size / acceleration distinct lines in all (counted after the symmetry)."""
+  k = np.fft.fftfreq(size) * size                       # signed frequency of each column
+  order = np.argsort(np.abs(k), kind='stable')
   lines = np.zeros(size, bool)
-  lines[center] = True
-  lines[chosen] = True
+  lines[order[:center_lines]] = True
+  lines |= lines[(-np.arange(size)) % size]             # the mirrors of the center lines
+  target = max(size // acceleration, int(lines.sum()))
+  pairs = [f for f in range(1, size // 2 + 1) if not lines[f]]
+  picks = np.asarray(jax.random.permutation(key, np.asarray(pairs))) if pairs else []
+  for f in picks:
+    if lines.sum() >= target:
+      break
+    lines[f] = lines[(-f) % size] = True
   return np.broadcast_to(lines[None, :], (size, size)).copy()
 
 
@@ -311,7 +316,9 @@ def fourier_mask(key, size: int, acceleration: int = 4, center_lines: int = 4) -
 class RadonTransform(LinearOperator):
   """Sparse-view CT: line integrals of [H, W, C] images (H = W) along parallel rays at a
   few angles in [0, pi); y [B, angles, W, C]. The image is sampled along each ray by
-  bilinear interpolation at unit spacing (zero outside). A^+ by conjugate gradients."""
+  bilinear interpolation at unit spacing (zero outside). Rays and detector span W pixels
+  through the centre, so the field of view is the inscribed disc: at oblique angles the
+  corners are seen only partly. A^+ by conjugate gradients."""
   _leaves = ('index', 'weight')
 
   def __init__(self, num_angles: int, x_shape):
@@ -395,7 +402,8 @@ def _moment_matching(sde, operator, noise_std, cg_iters, data_var, max_time, sco
       return operator.forward(cu[None])[0] + noise_std**2 * v
 
     w = jax.scipy.sparse.linalg.cg(cov_y, residual, maxiter=cg_iters, tol=1e-6)[0]
-    return score + jnp.where(t1 <= max_time, 1.0, 0.0) * vjp(operator.adjoint(w[None])[0])
+    # where, not a product: above max_time a diverged CG solve must not leak inf or NaN.
+    return score + jnp.where(t1 <= max_time, vjp(operator.adjoint(w[None])[0]), 0.0)
 
   return jax.vmap(one)(x, t, y, a, std)
 
@@ -483,9 +491,10 @@ def get_inverse_sampler(sde, operator, shape, method, *, noise_std=0.0,
     'moment_matching': the Tweedie moment-matched likelihood (``moment_matching_score``),
       exact for Gaussian data; options cg_iters, covariance ('jacobian' | 'isotropic'),
       data_var (isotropic), max_time (no guidance above it).
-  With noiseless measurements, imputation and projection end with x <- x + weight A^+ (y -
-  A x), so that the measured part is exact (weight 1). ``corrector`` defaults to 'langevin'
-  for imputation and projection, 'none' for the guided methods (DPS's chain).
+  With noiseless measurements, imputation and projection with weight 1 end with x <- x +
+  A^+ (y - A x), so that the measured part is exact. ``corrector`` defaults to 'langevin'
+  for imputation and projection, 'none' for the guided methods: DPS's step is calibrated to
+  the reverse-diffusion predictor (a corrector would take it with a step of its own).
 
   Returns:
     ``sampler(key, score_fn, y) -> (samples [shape], nfe)``, nfe counting evaluations of
@@ -551,11 +560,15 @@ def get_inverse_sampler(sde, operator, shape, method, *, noise_std=0.0,
     init = (x, x, predictor.init(x))
     (x, x_mean, _), _ = jax.lax.scan(body, init, (timesteps, jax.random.split(k_loop, sde.N)))
     out = x_mean if denoise else x
-    if method in ('imputation', 'projection') and noise_std == 0:
-      out = operator.project(out, y, weight)
+    if noise_std == 0 and (method == 'imputation' or (method == 'projection' and weight == 1)):
+      out = operator.project(out, y)
     return out
 
   def sampler(key, score_fn, y):
+    want = (shape[0],) + tuple(operator.forward(jnp.zeros((1,) + tuple(shape[1:]))).shape[1:])
+    if tuple(y.shape) != want:
+      raise ValueError(f'y has shape {tuple(y.shape)}; the operator measures batches of '
+                       f'{tuple(shape)} as {want}')
     return _sample(key, sde_lib.as_pytree(score_fn), y, operator), nfe
 
   return sampler

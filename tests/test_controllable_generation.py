@@ -119,6 +119,17 @@ def test_bad_operator_input_fails_clearly():
     cg.get_inverse_sampler(sde, op, (4, 2), 'imputation', noise_std=0.1)
   with pytest.raises(ValueError, match=r"shape \(4, 3\) does not match .* \(2,\)"):
     cg.get_inverse_sampler(sde, op, (4, 3), 'dps')
+  sampler = cg.get_inverse_sampler(sde, op, (4, 2), 'dps')
+  with pytest.raises(ValueError, match=r'y has shape \(1, 1\); .* as \(4, 1\)'):
+    sampler(jax.random.PRNGKey(0), lambda x, t: -x, jnp.zeros((1, 1)))
+
+
+def test_fourier_mask_is_symmetric_and_keeps_its_acceleration():
+  for size, acceleration in ((32, 4), (16, 2), (64, 8)):
+    lines = cg.fourier_mask(jax.random.PRNGKey(size), size, acceleration, center_lines=4)[0]
+    assert np.array_equal(lines, lines[(-np.arange(size)) % size])
+    assert size // acceleration <= lines.sum() <= size // acceleration + 1, lines.sum()
+    assert lines[0] and lines[1] and lines[-1]          # DC and +-1 always
 
 
 # ---------------------------------------------------------------------------------------
