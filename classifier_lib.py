@@ -22,6 +22,7 @@ import optax
 
 import builder
 import controllable_generation
+import datasets
 import eval_lib
 import evaluation
 import plotting
@@ -96,7 +97,6 @@ def train_classifier(config, workdir):
   if restored is not None:
     state = restored
     print(f'Resuming the classifier from step {state["step"]}', file=sys.stderr)
-  log_prob = classifier_models.classifier_log_prob(model, comp.sde, None, comp.data_std)
   c = config.classifier
   train_key = builder.stream_key(config.seed, 'classifier_train')
 
@@ -105,7 +105,7 @@ def train_classifier(config, workdir):
     x_t, t = _perturb(comp.sde, jax.random.fold_in(train_key, step), x, c.eps)
 
     def loss_fn(params):
-      logp = log_prob.func(comp.sde, params, comp.data_std, x_t, t)
+      logp = classifier_models.log_prob(model, comp.sde, params, comp.data_std, x_t, t)
       return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -196,7 +196,7 @@ def conditional(config, workdir):
             'samples_png': os.path.abspath(png)}
   if config.data.dataset == 'digits':
     images = evaluation.quantize_samples(
-        np.asarray(eval_lib.datasets.inverse_scaler(config.data.centered)(x)))
+        np.asarray(datasets.inverse_scaler(config.data.centered)(x)))
     predicted = np.argmax(evaluation.DigitsEvaluator()(images)[1], -1)
     hits = predicted == np.asarray(labels)
     report['target_accuracy'] = float(hits.mean())

@@ -368,12 +368,6 @@ class RadonTransform(LinearOperator):
 # -----------------------------------------------------------------------------
 
 
-def tweedie_denoiser(sde, score_fn, x, t):
-  """E[x_0 | x_t] = (x_t + s^2 score) / a."""
-  a, std = sde.marginal_coeffs(t)
-  return (x + batch_broadcast(std**2, x) * score_fn(x, t)) / batch_broadcast(a, x)
-
-
 def _moment_matching(sde, operator, noise_std, cg_iters, data_var, max_time, score_fn, y, x, t):
   """score + grad_x log N(y; A E[x_0|x_t], A Cov[x_0|x_t] A^T + noise_std^2 I), per example.
 
@@ -431,15 +425,12 @@ def moment_matching_score(sde, operator, score_fn, y, noise_std=0.0, cg_iters=50
 
 
 def _dps(sde, operator, step_size, score_fn, y, x, t):
-  a, std = sde.marginal_coeffs(t)
-
   def residual_norm(x):
     score = score_fn(x, t)
-    x0 = (x + batch_broadcast(std**2, x) * score) / batch_broadcast(a, x)
-    norms = jnp.sqrt(sum_except_batch((y - operator.forward(x0))**2))
-    return jnp.sum(norms), (score, norms)
+    x0 = sde.tweedie_mean(x, t, score)
+    return jnp.sum(jnp.sqrt(sum_except_batch((y - operator.forward(x0))**2))), score
 
-  grad, (score, norms) = jax.grad(residual_norm, has_aux=True)(x)
+  grad, score = jax.grad(residual_norm, has_aux=True)(x)
   _, g_step = sde.discretize(x, t)    # the reverse-diffusion step adds G^2 * score
   # zeta / ||r|| * grad ||r||^2 = 2 zeta grad ||r||, divided by G^2 so that the step
   # subtracts exactly that (DPS's update on the ancestral / reverse-diffusion chain).
@@ -550,8 +541,8 @@ def get_inverse_sampler(sde, operator, shape, method, *, noise_std=0.0,
         x = operator.project(x, _perturbed_measurement(sde, operator, k_ci, y, t_vec, shape)[0],
                              weight)
       x, x_mean = corrector.update(sde, score_fn, k_c, x, t_vec)
-      if method == 'imputation':
-        x, x_mean = impute(k_ci, x, x_mean, t_vec, y)
+      if method == 'imputation':   # the predictor reads x alone: x_mean is imputed after it
+        x = operator.project(x, _perturbed_measurement(sde, operator, k_ci, y, t_vec, shape)[0])
       x, x_mean, state = predictor.update(sde, score_fn, k_p, x, t_vec, dt, state)
       if method == 'imputation':
         x, x_mean = impute(k_pi, x, x_mean, jnp.maximum(t_vec + dt, 0.0), y)

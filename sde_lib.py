@@ -154,13 +154,18 @@ class SDE:
     a_s, std_s = self.marginal_coeffs(s)
     a_ts = a_t / a_s                                 # x_t = a_ts x_s + std_ts z
     var_ts = std_t**2 - a_ts**2 * std_s**2
-    x0_hat = (x + batch_broadcast(std_t**2, x) * score) / batch_broadcast(a_t, x)
+    x0_hat = self.tweedie_mean(x, t, score)
     # Posterior of x_s given x_t and x_0 (both Gaussian): product of the two.
     coef_x0 = a_s * var_ts / std_t**2
     coef_xt = a_ts * std_s**2 / std_t**2
     x_mean = batch_broadcast(coef_x0, x) * x0_hat + batch_broadcast(coef_xt, x) * x
     noise_std = jnp.sqrt(jnp.maximum(var_ts * std_s**2 / std_t**2, 0.0))
     return x_mean, noise_std
+
+  def tweedie_mean(self, x, t, score):
+    """E[x_0 | x_t] = (x_t + std^2 score) / a (Tweedie's formula), from the score at (x, t)."""
+    a, std = self.marginal_coeffs(t)
+    return (x + batch_broadcast(std**2, x) * score) / batch_broadcast(a, x)
 
   def langevin_alpha(self, t):
     """Step-size factor alpha_i of the Langevin corrector (1 unless overridden)."""

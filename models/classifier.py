@@ -1,8 +1,8 @@
 """Noise-conditional classifiers: logits of p_t(y | x_t) for class guidance.
 
 Both take ``(x_t [B, H, W, C], t [B])`` and return ``[B, num_classes]`` logits; the input
-is scaled to unit variance with the SDE's marginal (``c_in``, as the score networks here)
-by ``classifier_log_prob``, so one network serves every noise level of any SDE.
+is scaled to unit variance with the SDE's marginal (``score.input_scale``, as the score
+networks here) by ``log_prob``, so one network serves every noise level of any SDE.
 
 ``NoiseConditionalCNN`` is the small digits classifier; ``NoiseConditionalWideResNet`` a
 Wide ResNet (depth 28, widen 10 for CIFAR-10, the setting of the SDE paper's class-
@@ -10,11 +10,15 @@ conditional CIFAR-10 samples) whose blocks add a projection of the time embeddin
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models import layers
+from models import score as score_lib
 from sde_lib import batch_broadcast
 
 
@@ -99,29 +103,23 @@ def get_classifier(name: str, **kwargs) -> nn.Module:
   return CLASSIFIERS[name](**kwargs)
 
 
-def _log_prob(model, sde, params, data_std, x, t):
+def log_prob(model, sde, params, data_std, x, t):
+  """log p_t(y | x_t) ``[B, num_classes]``, the input scaled to unit variance as the score's."""
   a, std = sde.marginal_coeffs(t)
-  c_in = 1.0 / jnp.sqrt(a**2 * data_std**2 + std**2)
+  c_in = score_lib.input_scale(a, std, data_std)
   return jax.nn.log_softmax(model.apply(params, x * batch_broadcast(c_in, x), t), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassifierLogProb:
+  """Hashable by its model, so a log-probability built anew reuses compiled code."""
+  model: Any
+
+  def __call__(self, sde, params, data_std, x, t):
+    return log_prob(self.model, sde, params, data_std, x, t)
 
 
 def classifier_log_prob(model, sde, params, data_std: float):
   """``log_prob_fn(x_t, t) -> [B, num_classes]`` (a pytree: new parameters do not recompile)."""
   return jax.tree_util.Partial(_ClassifierLogProb(model), sde, params,
                                jnp.asarray(data_std, jnp.float32))
-
-
-class _ClassifierLogProb:
-  """Hashable by its model, so a log-probability built anew reuses compiled code."""
-
-  def __init__(self, model):
-    self.model = model
-
-  def __hash__(self):
-    return hash(self.model)
-
-  def __eq__(self, other):
-    return isinstance(other, _ClassifierLogProb) and other.model == self.model
-
-  def __call__(self, sde, params, data_std, x, t):
-    return _log_prob(self.model, sde, params, data_std, x, t)

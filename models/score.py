@@ -31,11 +31,16 @@ def marginal_for_network(sde, t, discrete_ddpm: bool = False):
   return sde.marginal_coeffs(t)
 
 
+def input_scale(a, std, data_std):
+  """c_in = 1 / sqrt(a^2 sigma_data^2 + std^2): x_t scaled to unit variance."""
+  return 1.0 / jnp.sqrt(a**2 * data_std**2 + std**2)
+
+
 def network_score(model, sde, params, x, t, *, data_std: float, discrete_ddpm: bool = False,
                   train: bool = False, dropout_key=None):
   """The score of a noise-predicting flax ``model`` called as ``model.apply(params, x, t)``."""
   a, std = marginal_for_network(sde, t, discrete_ddpm)
-  c_in = 1.0 / jnp.sqrt(a**2 * data_std**2 + std**2)
+  c_in = input_scale(a, std, data_std)
   kwargs = {}
   if train:
     kwargs = dict(train=True, rngs={'dropout': dropout_key})
