@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 import datasets
+import fast_samplers
 import likelihood
 import losses
 import ode_solvers
@@ -115,8 +116,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   _check(config.optim.lr > 0, f'optim.lr must be positive, got {config.optim.lr}')
   _check(config.optim.warmup >= 0, f'optim.warmup must be >= 0, got {config.optim.warmup}')
   _check(config.optim.grad_clip >= 0, f'optim.grad_clip must be >= 0, got {config.optim.grad_clip}')
-  _check(config.sampling.method in ('pc', 'ode'),
-         f"sampling.method={config.sampling.method!r}; valid: ['pc', 'ode']")
+  _check(config.sampling.method in sampling.SAMPLERS,
+         f'sampling.method={config.sampling.method!r}; valid: {list(sampling.SAMPLERS)}')
+  _check(isinstance(config.sampling.steps, int) and config.sampling.steps > 0,
+         f'sampling.steps must be a positive integer, got {config.sampling.steps!r}')
+  _check(config.sampling.grid in ('',) + tuple(fast_samplers.GRIDS),
+         f"sampling.grid={config.sampling.grid!r}; valid: {[''] + sorted(fast_samplers.GRIDS)}")
+  _check(config.sampling.eta >= 0, f'sampling.eta must be >= 0, got {config.sampling.eta}')
+  _check(config.sampling.churn >= 0, f'sampling.churn must be >= 0, got {config.sampling.churn}')
+  _check(config.sampling.order in (1, 2, 3),
+         f'sampling.order={config.sampling.order!r}; valid: [1, 2, 3]')
   _check(config.sampling.predictor in sampling.PREDICTORS,
          f'sampling.predictor={config.sampling.predictor!r}; valid: {list(sampling.PREDICTORS)}')
   _check(config.sampling.corrector in sampling.CORRECTORS,
@@ -290,15 +299,37 @@ def build(config, num_devices: int | None = None) -> Components:
   return build_components(config, data_shape, data_std, train_data, eval_data)
 
 
+def describe_sampler(config) -> str:
+  """The config's sampler in one line, for reports: the method and the settings it reads."""
+  s = config.sampling
+  if s.method == 'pc':
+    flow = ', probability flow' if s.probability_flow else ''
+    what = (f'{s.predictor} + {s.corrector} (snr {s.snr:g}, {s.n_steps_each} step{flow}), '
+            f'N = {config.sde.num_scales}')
+  elif s.method == 'ode':
+    what = f'{s.ode_solver}, rtol {s.rtol:g}, atol {s.atol:g}'
+  else:
+    grid = s.grid or fast_samplers.FAST_SAMPLERS[s.method].default_grid
+    extra = {'ddim': f', eta {s.eta:g}', 'heun': f', churn {s.churn:g}',
+             'unipc': f', order {s.order}'}.get(s.method, '')
+    what = f'{s.steps} steps, {grid} grid{extra}'
+  return f'{s.method}: {what}; eps {s.eps:g}, denoise {bool(s.noise_removal)}'
+
+
 def make_sampler(config, sde, shape):
   """The config's sampler (``sampling`` section) for batches of ``shape``."""
   s = config.sampling
+  options = dict(eps=s.eps, denoise=s.noise_removal)
   if s.method == 'pc':
-    return sampling.get_pc_sampler(sde, shape, s.predictor, s.corrector, snr=s.snr,
-                                   n_steps=s.n_steps_each, probability_flow=s.probability_flow,
-                                   denoise=s.noise_removal, eps=s.eps)
-  return sampling.get_ode_sampler(sde, shape, solver=s.ode_solver, rtol=s.rtol, atol=s.atol,
-                                  eps=s.eps, denoise=s.noise_removal)
+    options.update(predictor=s.predictor, corrector=s.corrector, snr=s.snr,
+                   n_steps=s.n_steps_each, probability_flow=s.probability_flow)
+  elif s.method == 'ode':
+    options.update(solver=s.ode_solver, rtol=s.rtol, atol=s.atol)
+  else:
+    options.update(steps=s.steps, grid=s.grid or None)
+    options.update({'ddim': dict(eta=s.eta), 'heun': dict(churn=s.churn),
+                    'unipc': dict(order=s.order)}.get(s.method, {}))
+  return sampling.get_sampler(s.method, sde, shape, **options)
 
 
 def build_components(config, data_shape, data_std: float = 1.0, train_data=None,

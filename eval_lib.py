@@ -138,7 +138,7 @@ def energy_distance(x, y):
 
 
 REPORT_KEYS = ('step', 'eval_loss', 'bpd', 'bpd_stderr', 'nfe_likelihood', 'num_samples', 'nfe_sampling',
-               'samples_png')
+               'sampler', 'samples_png')
 
 
 TOY_REPORT_KEYS = ('test_logp_true', 'test_logp_model', 'energy_distance_model',
@@ -544,7 +544,8 @@ def sample_report(config, comp, params, step, workdir, context) -> dict:
   x = np.concatenate(out)
   if jax.process_index() == 0:
     plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
-  report = dict(num_samples=len(x), nfe_sampling=nfe, samples_png=os.path.abspath(png))
+  report = dict(num_samples=len(x), nfe_sampling=nfe, sampler=builder.describe_sampler(config),
+                samples_png=os.path.abspath(png))
   if x.ndim == 2:
     report.update(toy_report(config, comp, x))
   return report
@@ -571,7 +572,8 @@ def _feature_sample_report(config, comp, params, key, png, round_dir, workdir, c
       seed=builder.stream_seed(config.seed, 'kid_subsets'))
   report.update(sample_features=ev.name,
                 sample_protocol=context.sample_protocol,
-                num_samples=len(out), nfe_sampling=nfe, samples_png=os.path.abspath(png))
+                num_samples=len(out), nfe_sampling=nfe, sampler=builder.describe_sampler(config),
+                samples_png=os.path.abspath(png))
   if context.sample_baselines:
     report['sample_baselines'] = context.sample_baselines
   return report

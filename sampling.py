@@ -21,12 +21,14 @@ annealed Langevin dynamics (step_lr), related by ``ald_snr_from_step_lr``.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+import fast_samplers
 import ode_solvers
 import sde_lib
 from sde_lib import batch_broadcast, sum_except_batch
@@ -425,3 +427,74 @@ def get_ode_sampler(sde: sde_lib.SDE, shape, *, solver: str = ode_solvers.DEFAUL
     return _sample(key, sde_lib.as_pytree(score_fn), z)
 
   return sampler
+
+
+# -----------------------------------------------------------------------------
+# The factory: every sampler by name.
+# -----------------------------------------------------------------------------
+
+
+def get_fast_sampler(name: str, sde: sde_lib.SDE, shape, *, steps: int = 20, grid=None,
+                     eps: float = 1e-3, denoise: bool = True, **options):
+  """A few-step ODE solver of ``fast_samplers`` (DDIM, EDM Heun, DPM-Solver++, UniPC).
+
+  Args:
+    name: a key of ``fast_samplers.FAST_SAMPLERS``.
+    sde: the forward SDE (its marginal coefficients define the solver's variables).
+    shape: the batch shape ``[batch, ...]``.
+    steps: steps between grid times (ignored when ``grid`` is an array of times).
+    grid: a name in ``fast_samplers.GRIDS``, a function ``(sde, steps, eps) -> times`` or
+      the times themselves; None takes the sampler's default.
+    eps: the last time of a built grid.
+    denoise: end with the x0 prediction at the last time (one more evaluation).
+    **options: the solver's own options (DDIM ``eta``; Heun ``churn``, ``s_tmin``,
+      ``s_tmax``, ``s_noise``; UniPC ``order``, ``variant``; multistep
+      ``lower_order_final``).
+
+  Returns:
+    ``sampler(key, score_fn) -> (samples, nfe)``.
+  """
+  spec = fast_samplers.FAST_SAMPLERS[name]
+  times = fast_samplers.make_grid(sde, spec.default_grid if grid is None else grid, steps, eps)
+  kwargs = dict(spec.options, denoise=denoise, **options)
+  try:   # a misspelt option fails here, not inside the compiled call
+    inspect.signature(spec.fn).bind(sde, None, None, None, times, **kwargs)
+  except TypeError as e:
+    raise ValueError(f'sampler {name!r}: {e}') from None
+  nfe = spec.nfe(times.shape[0] - 1, denoise)
+
+  @jax.jit
+  def _sample(key, score_fn):
+    x = sde.prior_sampling(key, shape)   # the prior draw of the 'ode' sampler for the same key
+    return spec.fn(sde, score_fn, jax.random.fold_in(key, 1), x, times, **kwargs)
+
+  def sampler(key, score_fn):
+    return _sample(key, sde_lib.as_pytree(score_fn)), nfe
+
+  return sampler
+
+
+SAMPLERS = ('pc', 'ode') + tuple(fast_samplers.FAST_SAMPLERS)
+
+
+def get_sampler(name: str, sde: sde_lib.SDE, shape, **options):
+  """Any sampler by name: ``sampler(key, score_fn) -> (samples, nfe)``.
+
+  'pc' (``get_pc_sampler``; ``steps`` sets the SDE's N), 'ode' (``get_ode_sampler``,
+  adaptive: no ``steps``) or a few-step solver (``get_fast_sampler``). ``options`` are
+  those functions' keyword arguments.
+  """
+  if name == 'pc':
+    steps = options.pop('steps', None)
+    if steps is not None:
+      if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f'steps must be a positive integer, got {steps!r}')
+      sde = sde.replace(N=steps)
+    return get_pc_sampler(sde, shape, **options)
+  if name == 'ode':
+    if 'steps' in options:
+      raise ValueError("the 'ode' sampler is adaptive (rtol, atol) and takes no steps")
+    return get_ode_sampler(sde, shape, **options)
+  if name in fast_samplers.FAST_SAMPLERS:
+    return get_fast_sampler(name, sde, shape, **options)
+  raise ValueError(f'Unknown sampler {name!r}; valid names: {list(SAMPLERS)}')

@@ -167,6 +167,22 @@ class SDE:
     a, std = self.marginal_coeffs(t)
     return (x + batch_broadcast(std**2, x) * score) / batch_broadcast(a, x)
 
+  def noise_prediction(self, t, score):
+    """The noise eps = -std score that a noise-predicting network (DDPM) outputs."""
+    return -batch_broadcast(self.marginal_coeffs(t)[1], score) * score
+
+  def log_snr(self, t):
+    """lambda(t) = log(a / std), decreasing in t: the time variable of DDIM, DPM-Solver, UniPC.
+
+    -lambda is log-sigma for VE and EDM's log sigma~ (sigma~ = std / a) for every SDE.
+    """
+    a, std = self.marginal_coeffs(t)
+    return jnp.log(a) - jnp.log(std)
+
+  def time_at_log_snr(self, lam):
+    """The time t with ``log_snr(t) = lam`` (closed form per SDE)."""
+    raise NotImplementedError
+
   def langevin_alpha(self, t):
     """Step-size factor alpha_i of the Langevin corrector (1 unless overridden)."""
     return jnp.ones_like(t)
@@ -240,6 +256,10 @@ class VESDE(SDE):
   def marginal_coeffs(self, t):
     return jnp.ones_like(t), self.sigma(t)
 
+  def time_at_log_snr(self, lam):
+    """sigma = exp(-lambda), t = log(sigma / sigma_min) / log(sigma_max / sigma_min)."""
+    return (-lam - jnp.log(self.sigma_min)) / jnp.log(self.sigma_max / self.sigma_min)
+
   @property
   def prior_std(self):
     return self.sigma_max
@@ -301,6 +321,11 @@ class _BetaSchedule(SDE):
   def beta(self, t):
     return jax.jvp(self.int_beta, (t,), (jnp.ones_like(t),))[1]
 
+  def time_at_int_beta(self, b):
+    """The root t >= 0 of int_0^t beta = b, written to stay exact as b -> 0."""
+    return 2.0 * b / (self.beta_min + jnp.sqrt(self.beta_min**2
+                                               + 2.0 * (self.beta_max - self.beta_min) * b))
+
   @property
   def discrete_betas(self):
     """DDPM's betas: linspace(beta_min / N, beta_max / N, N)."""
@@ -344,6 +369,10 @@ class VPSDE(_BetaSchedule):
     b = self.int_beta(t)
     return jnp.exp(-0.5 * b), jnp.sqrt(-jnp.expm1(-b))
 
+  def time_at_log_snr(self, lam):
+    """a^2 / std^2 = 1 / (exp(B) - 1) = exp(2 lambda), so B = log(1 + exp(-2 lambda))."""
+    return self.time_at_int_beta(jax.nn.softplus(-2.0 * lam))
+
   def discretize(self, x, t):
     """DDPM chain (eq. 46): f = sqrt(1 - beta_i) x - x, G = sqrt(beta_i)."""
     beta = self.discrete_betas[self.discrete_index(t)]
@@ -373,6 +402,10 @@ class subVPSDE(_BetaSchedule):
     """a = exp(-B/2), std = 1 - exp(-B) (eq. 34: the std, no square root)."""
     b = self.int_beta(t)
     return jnp.exp(-0.5 * b), -jnp.expm1(-b)
+
+  def time_at_log_snr(self, lam):
+    """std / a = exp(B/2) - exp(-B/2) = 2 sinh(B/2) = exp(-lambda), so B = 2 asinh(exp(-lambda) / 2)."""
+    return self.time_at_int_beta(2.0 * jnp.arcsinh(0.5 * jnp.exp(-lam)))
 
   def discretize(self, x, t):
     """No special chain: Euler–Maruyama with dt = T / N."""

@@ -102,7 +102,13 @@ def get_base_config():
   optim.grad_clip = 1.0               # global norm; 0 disables
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = 'pc'              # pc | ode
+  sampling.method = 'pc'              # a name in sampling.SAMPLERS: pc | ode | ddim | heun |
+                                      # dpm_solver_2m | dpm_solver_3m | dpm_solver_2s | unipc
+  sampling.steps = 20                 # steps of the few-step solvers (pc takes sde.num_scales)
+  sampling.grid = ''                  # their time grid (fast_samplers.GRIDS); '' = the solver's own
+  sampling.eta = 0.0                  # ddim: 0 deterministic, 1 ancestral
+  sampling.churn = 0.0                # heun: EDM's S_churn (0 = Algorithm 1)
+  sampling.order = 2                  # unipc: predictor order (the corrector adds one)
   sampling.predictor = 'reverse_diffusion'
   sampling.corrector = 'langevin'
   sampling.snr = 0.16

@@ -34,7 +34,12 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
            ('sampling.predictor', 'heun', r"sampling.predictor='heun'; valid"),
            ('sampling.corrector', 'hmc', r"sampling.corrector='hmc'; valid"),
            ('training.loss', 'l1', r"training.loss='l1'"),
-           ('training.batch_size', 0, 'training.batch_size must be positive')]
+           ('training.batch_size', 0, 'training.batch_size must be positive'),
+           ('sampling.method', 'dpm', r"sampling.method='dpm'; valid: \['pc', 'ode', 'ddim'"),
+           ('sampling.steps', 0, 'sampling.steps must be a positive integer, got 0'),
+           ('sampling.grid', 'cosine', r"sampling.grid='cosine'; valid: \['', 'karras'"),
+           ('sampling.eta', -1.0, 'sampling.eta must be >= 0'),
+           ('sampling.order', 4, r'sampling.order=4; valid: \[1, 2, 3\]')]
   for key, value, message in cases:
     config = toy_config(data_dir, **{key: value})
     with pytest.raises(ValueError, match=message):
@@ -70,3 +75,27 @@ def test_convention_mismatches_fail_clearly(data_dir):
   config.model.name = 'ncsnv2_64'
   with pytest.raises(ValueError, match="needs model.convention='reference'"):
     builder.validate_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize('method,overrides', [
+    ('pc', {}), ('ode', {}), ('ddim', {'sampling.eta': 1.0}), ('heun', {'sampling.churn': 2.0}),
+    ('dpm_solver_2m', {'sampling.grid': 'log_snr'}), ('dpm_solver_3m', {}),
+    ('dpm_solver_2s', {}), ('unipc', {'sampling.order': 3})])
+def test_every_sampler_is_built_from_the_config(data_dir, method, overrides):
+  """sampling.method picks any sampler (the sample and eval modes draw through it), with the
+  config's steps, grid and per-solver setting; the report names what was run."""
+  config = toy_config(data_dir, **{'sampling.method': method, 'sampling.steps': 6, **overrides})
+  builder.validate_config(config, num_devices=1)
+  comp = builder.build_components(config, (2,))
+  params = comp.model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), jnp.zeros((1,)))
+  x, nfe = comp.sampler(jax.random.PRNGKey(1), comp.score_fn(params))
+  assert x.shape == (config.sampling.batch_size, 2) and np.all(np.isfinite(np.asarray(x)))
+  if method == 'pc':    # pc runs the SDE's N = sde.num_scales steps, not sampling.steps
+    assert int(nfe) == 2 * config.sde.num_scales
+  elif method != 'ode':
+    per_step = 2 if method in ('heun', 'dpm_solver_2s') else 1
+    assert int(nfe) == 6 * per_step + 1     # and the final denoise (sampling.noise_removal)
+  described = builder.describe_sampler(config)
+  assert described.startswith(f'{method}: ')
+  for value in overrides.values():
+    assert (f'{value:g}' if isinstance(value, float) else str(value)) in described

@@ -204,3 +204,61 @@ def test_pc_sampler_works_on_image_shapes():
   sampler = sampling.get_pc_sampler(sde, (2, 4, 4, 3), 'reverse_diffusion', 'langevin')
   x, _ = sampler(jax.random.PRNGKey(0), score_fn)
   assert x.shape == (2, 4, 4, 3) and bool(jnp.all(jnp.isfinite(x)))
+
+
+# -----------------------------------------------------------------------------
+# The factory and the few-step solvers' evaluation counts.
+# -----------------------------------------------------------------------------
+
+FAST_CASES = [('ddim', dict(eta=0.5)), ('heun', dict(churn=5.0)), ('dpm_solver_2m', {}),
+              ('dpm_solver_3m', {}), ('dpm_solver_2s', {}), ('unipc', dict(order=3))]
+
+
+@pytest.mark.parametrize('name,options', FAST_CASES)
+@pytest.mark.parametrize('denoise', [False, True])
+def test_fast_sampler_nfe_counts_real_evaluations(mixture, name, options, denoise):
+  """The NFE returned is the number of calls made, and each sampler's rule (steps x
+  evaluations per step, plus the denoise): no skipped final evaluation, no uncounted one."""
+  sde = make_sde('subvpsde')
+  counter = _CallCounter(mixture.score_fn(sde))
+  sampler = sampling.get_sampler(name, sde, (8, 2), steps=5, denoise=denoise, **options)
+  x, nfe = sampler(jax.random.PRNGKey(0), counter)
+  jax.block_until_ready(x)
+  jax.effects_barrier()
+  per_step = 2 if name in ('heun', 'dpm_solver_2s') else 1
+  assert counter.count == nfe == 5 * per_step + int(denoise)
+  assert np.all(np.isfinite(np.asarray(x)))
+
+
+def test_get_sampler_serves_pc_and_ode_and_explains_bad_requests(mixture):
+  assert set(sampling.SAMPLERS) == {'pc', 'ode', 'ddim', 'heun', 'dpm_solver_2m',
+                                    'dpm_solver_3m', 'dpm_solver_2s', 'unipc'}
+  sde = make_sde('vpsde', N=1000)
+  _, nfe = sampling.get_sampler('pc', sde, (8, 2), steps=30)(jax.random.PRNGKey(0),
+                                                             mixture.score_fn(sde))
+  assert nfe == 60     # steps sets N: 30 predictor + 30 corrector evaluations
+  _, nfe = sampling.get_sampler('ode', sde, (8, 2), rtol=1e-3, atol=1e-3)(
+      jax.random.PRNGKey(0), mixture.score_fn(sde))
+  assert 10 < int(nfe) < 200
+  with pytest.raises(ValueError, match=r"Unknown sampler 'dpm'; valid names: \['pc', 'ode', 'ddim'"):
+    sampling.get_sampler('dpm', sde, (8, 2))
+  with pytest.raises(ValueError, match="'ode' sampler is adaptive"):
+    sampling.get_sampler('ode', sde, (8, 2), steps=10)
+  with pytest.raises(ValueError, match="sampler 'ddim'.*etta"):
+    sampling.get_sampler('ddim', sde, (8, 2), etta=1.0)
+  with pytest.raises(ValueError, match='unipc: order must be one of'):
+    sampling.get_sampler('unipc', sde, (8, 2), order=4)(jax.random.PRNGKey(0), mixture.score_fn(sde))
+  with pytest.raises(ValueError, match='steps must be a positive integer'):
+    sampling.get_sampler('pc', sde, (8, 2), steps=0)
+
+
+def test_fast_samplers_use_the_ode_samplers_prior_draw(mixture):
+  """Same key, same prior sample: a fine DPM-Solver++(3M) run lands on the adaptive ODE's
+  endpoint (within its tolerance), so the two are comparable sample by sample."""
+  sde = make_sde('vesde')
+  key = jax.random.PRNGKey(4)
+  ode, _ = sampling.get_sampler('ode', sde, (64, 2), eps=1e-5, rtol=1e-6, atol=1e-6)(
+      key, mixture.score_fn(sde))
+  fine, _ = sampling.get_sampler('dpm_solver_3m', sde, (64, 2), steps=200, eps=1e-5,
+                                 denoise=False)(key, mixture.score_fn(sde))
+  np.testing.assert_allclose(fine, ode, atol=2e-3)

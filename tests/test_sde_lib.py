@@ -235,3 +235,15 @@ def test_sum_except_batch_and_as_pytree():
   assert isinstance(wrapped, jax.tree_util.Partial) and jax.tree.leaves(wrapped) == []
   bound = jax.tree_util.Partial(lambda p, x, t: p * x, jnp.ones(()))
   assert sde_lib.as_pytree(bound) is bound
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+def test_time_at_log_snr_inverts_log_snr(name, x64):
+  """The closed-form inverses (VE: log sigma; VP: softplus; sub-VP: asinh) over [1e-5, T]."""
+  sde = make_sde(name)
+  t = jnp.concatenate([jnp.geomspace(1e-5, 1e-2, 20), jnp.linspace(2e-2, 1.0, 50)])
+  lam = sde.log_snr(t)
+  assert bool(jnp.all(jnp.diff(lam) < 0))
+  np.testing.assert_allclose(sde.time_at_log_snr(lam), t, rtol=1e-9)
+  a, std = sde.marginal_coeffs(t)
+  np.testing.assert_allclose(lam, np.log(np.asarray(a) / np.asarray(std)), rtol=1e-12)
