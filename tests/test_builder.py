@@ -1,13 +1,4 @@
 """builder.py: config checks and the one config-to-objects builder."""
-import functools
-import hashlib
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +6,7 @@ import numpy as np
 import pytest
 
 import builder
-import datasets
-import eval_lib
-import parallel
-import run_lib
-import train_lib
-from run_helpers import (ROOT, free_port, image_config_files, main_process, restore_final,
-                         tiny_digits_config, tiny_paper_config, toy_config)
-from configs.toy import test as test_config
+from run_helpers import toy_config
 
 
 def test_bad_configs_fail_with_clear_messages(data_dir):

@@ -3,11 +3,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +10,9 @@ import numpy as np
 import pytest
 
 import builder
-import datasets
 import eval_lib
-import parallel
-import run_lib
 import train_lib
-from run_helpers import (ROOT, free_port, image_config_files, main_process, restore_final,
-                         tiny_digits_config, tiny_paper_config, toy_config)
+from run_helpers import (image_config_files, tiny_digits_config, toy_config)
 from configs.toy import test as test_config
 
 

@@ -7,7 +7,6 @@ import pytest
 
 import eval_lib
 import fast_samplers
-import gaussian_mixture
 import sampling
 from conftest import SDE_NAMES, make_sde, mixture_statistics
 

@@ -8,7 +8,6 @@ import optax
 import pytest
 import scipy.integrate
 
-import gaussian_mixture
 import losses
 import sampling
 from conftest import SDE_NAMES, assert_matches_mixture, make_sde

@@ -1,28 +1,14 @@
 """The entry point end to end: main.py and run_lib.run."""
-import functools
-import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
 
 import builder
 import datasets
 import eval_lib
-import parallel
-import run_lib
 import train_lib
-from run_helpers import (ROOT, free_port, image_config_files, main_process, restore_final,
-                         tiny_digits_config, tiny_paper_config, toy_config)
-from configs.toy import test as test_config
+from run_helpers import (main_process, toy_config)
 
 
 def test_short_toy_run_beats_untrained_model(data_dir, tmp_path):

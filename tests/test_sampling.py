@@ -1,5 +1,4 @@
 """Samplers reproduce a 2-D Gaussian mixture from its exact perturbed score."""
-import functools
 
 import jax
 import jax.numpy as jnp
