@@ -37,6 +37,12 @@ def test_eval_and_sample_modes_write_what_they_say(data_dir, tmp_path):
   assert data['samples'].shape == (config.sampling.num_samples, 2)
   assert int(data['nfe']) == config.sde.num_scales * 2   # reverse diffusion + Langevin
   assert os.path.getsize(png) > 1000
+  # The sample mode draws with any sampler of the config: DPM-Solver++(2M), 9 steps + denoise.
+  config.sampling.method, config.sampling.steps = 'dpm_solver_2m', 9
+  npz, _ = eval_lib.sample(config, workdir)
+  data = np.load(npz)
+  assert int(data['nfe']) == 10 and np.all(np.isfinite(data['samples']))
+  assert report['sampler'].startswith('pc: reverse_diffusion + langevin')
 
 
 def test_digits_eval_report_with_baselines_resumes_after_a_kill(data_dir, tmp_path):
