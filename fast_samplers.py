@@ -160,8 +160,9 @@ def _polynomial_update(x, m0, diffs, ratios, h, std_ratio, a_s):
 
 def _per_step_order(order: int, steps: int, lower_order_final: bool):
   """Order of step i: warm-up min(order, i + 1) (history fills up) and, for short runs
-  (< 15 steps, DPM-Solver's rule) with ``lower_order_final``, min(order, M - i) at the end,
-  which keeps few-step multistep solvers stable (k-diffusion #43, #85)."""
+  (< 15 steps, diffusers' threshold; DPM-Solver's own code uses < 10) with
+  ``lower_order_final``, min(order, M - i) at the end, which keeps few-step multistep
+  solvers stable (k-diffusion #43, #85)."""
   i = jnp.arange(steps)
   orders = jnp.minimum(order, i + 1)
   if lower_order_final and steps < 15:
@@ -194,9 +195,11 @@ def ddim(sde, score_fn, key, x, times, *, eta: float = 0.0, denoise: bool = True
     x0, eps = _model(sde, score_fn, x, t)
     a_ts = a_t / a_s
     post_var = std_s**2 * (1.0 - (a_ts * std_s / std_t)**2)
+    if eta == 0:
+      return (a_s * x0 + std_s * eps).astype(x.dtype), None
     var = eta**2 * jnp.maximum(post_var, 0.0)
     z = jax.random.normal(key, x.shape, x.dtype)
-    return a_s * x0 + jnp.sqrt(std_s**2 - var) * eps + jnp.sqrt(var) * z, None
+    return (a_s * x0 + jnp.sqrt(std_s**2 - var) * eps + jnp.sqrt(var) * z).astype(x.dtype), None
 
   keys = jax.random.split(key, times.shape[0] - 1)
   x, _ = jax.lax.scan(step, x, (times[:-1], times[1:], keys))
@@ -213,13 +216,15 @@ def edm_heun(sde, score_fn, key, x, times, *, churn: float = 0.0, s_tmin: float 
   """EDM's sampler on dx~/dsigma~ = (x~ - D(x~; sigma~)) / sigma~.
 
   With ``churn`` = 0 it is Algorithm 1 (deterministic Heun, second order); with churn > 0,
-  Algorithm 2: before each step with sigma~_i in [s_tmin, s_tmax], noise raises the level
-  to sigma^ = (1 + gamma) sigma~_i, gamma = min(churn / M, sqrt(2) - 1), and the Heun step
-  runs from sigma^. Algorithm 1's last step, Euler to sigma~ = 0, is ``denoise`` (x~ = D).
-  Two evaluations per step.
+  Algorithm 2: before each step from a level sigma~_i in [s_tmin, s_tmax], noise raises it to
+  sigma^ = (1 + gamma) sigma~_i, gamma = min(churn / L, sqrt(2) - 1) with L = M + 1 the
+  number of non-zero levels, and the step runs from sigma^. sigma^ is capped at sigma~(T):
+  the network is never asked about a time past T. Algorithm 1's last step, Euler from the
+  last level to sigma~ = 0, is ``denoise`` (x~ = D, after the churn of that level). Two
+  evaluations per step.
   """
   steps = times.shape[0] - 1
-  gamma_max = min(churn / steps, math.sqrt(2.0) - 1.0) if churn > 0 else 0.0
+  gamma_max = min(churn / (steps + 1), math.sqrt(2.0) - 1.0) if churn > 0 else 0.0
   sig = jnp.exp(-sde.log_snr(times))          # sigma~ of the grid
   a0 = sde.marginal_coeffs(times[0])[0]
 
@@ -227,24 +232,32 @@ def edm_heun(sde, score_fn, key, x, times, *, churn: float = 0.0, s_tmin: float 
     a = sde.marginal_coeffs(t)[0]
     return _data_prediction(sde, score_fn, a * xt, t)
 
+  def churned(xt, t, sig_t, key):
+    """Algorithm 2's noise: (x^, t^, sigma^) from the level (t, sigma~_t)."""
+    if churn <= 0:
+      return xt, t, sig_t
+    gamma = jnp.where((sig_t >= s_tmin) & (sig_t <= s_tmax), gamma_max, 0.0)
+    gamma = jnp.clip(sig[0] / sig_t - 1.0, 0.0, gamma)        # sigma^ <= sigma~(T)
+    sig_hat = sig_t * (1.0 + gamma)
+    z = jax.random.normal(key, xt.shape, xt.dtype)
+    xt = xt + jnp.sqrt(jnp.maximum(sig_hat**2 - sig_t**2, 0.0)) * s_noise * z
+    t_hat = jnp.where(sig_hat > sig_t, sde.time_at_log_snr(-jnp.log(sig_hat)), t)
+    return xt, jnp.minimum(t_hat, times[0]), sig_hat
+
   def step(xt, inputs):
     t, s, sig_t, sig_s, key = inputs
-    if churn > 0:
-      gamma = jnp.where((sig_t >= s_tmin) & (sig_t <= s_tmax), gamma_max, 0.0)
-      sig_hat = sig_t * (1.0 + gamma)
-      z = jax.random.normal(key, xt.shape, xt.dtype)
-      xt = xt + jnp.sqrt(sig_hat**2 - sig_t**2) * s_noise * z
-      t = jnp.where(gamma > 0, sde.time_at_log_snr(-jnp.log(sig_hat)), t)
-      sig_t = sig_hat
+    xt, t, sig_t = churned(xt, t, sig_t, key)
     d = (xt - denoiser(xt, t)) / sig_t
     x_euler = xt + (sig_s - sig_t) * d
     d_next = (x_euler - denoiser(x_euler, s)) / sig_s
-    return xt + (sig_s - sig_t) * 0.5 * (d + d_next), None
+    return (xt + (sig_s - sig_t) * 0.5 * (d + d_next)).astype(xt.dtype), None
 
-  keys = jax.random.split(key, steps)
-  xt, _ = jax.lax.scan(step, x / a0, (times[:-1], times[1:], sig[:-1], sig[1:], keys))
+  keys = jax.random.split(key, steps + 1)
+  xt, _ = jax.lax.scan(step, (x / a0).astype(x.dtype),
+                       (times[:-1], times[1:], sig[:-1], sig[1:], keys[:-1]))
   if denoise:
-    return denoiser(xt, times[-1])
+    xt, t, _ = churned(xt, times[-1], sig[-1], keys[-1])
+    return denoiser(xt, t)
   return sde.marginal_coeffs(times[-1])[0] * xt
 
 
@@ -289,13 +302,13 @@ def dpm_solver_multistep(sde, score_fn, key, x, times, *, order: int = 2,
       diffs = [(ms[0] - m0) / ratios[0], (ms[1] - m0) / ratios[1]]
       return _polynomial_update(x, m0, diffs, ratios, h, std_ratio, a_s)
 
-    x_new = jax.lax.switch(step_order - 1, [first, second, third][:order], None)
+    x_new = jax.lax.switch(step_order - 1, [first, second, third][:order], None).astype(x.dtype)
     ms = jnp.concatenate([m0[None], ms[:-1]])
     lams = jnp.concatenate([lam_t[None], lams[:-1]])
     return (x_new, ms, lams), None
 
   hist = max(order - 1, 1)
-  init = (x, jnp.zeros((hist,) + x.shape, x.dtype), jnp.zeros((hist,), x.dtype))
+  init = (x, jnp.zeros((hist,) + x.shape, x.dtype), jnp.zeros((hist,), times.dtype))
   (x, _, _), _ = jax.lax.scan(step, init, (times[:-1], times[1:], orders))
   return _finish(sde, score_fn, x, times[-1], denoise)
 
@@ -318,7 +331,7 @@ def dpm_solver_2s(sde, score_fn, key, x, times, *, denoise: bool = True):
     m0 = _data_prediction(sde, score_fn, x, t)
     u = (std_m / std_t) * x - a_m * jnp.expm1(-0.5 * h) * m0
     d = _data_prediction(sde, score_fn, u, t_mid)
-    return (std_s / std_t) * x - a_s * jnp.expm1(-h) * d, None
+    return ((std_s / std_t) * x - a_s * jnp.expm1(-h) * d).astype(x.dtype), None
 
   x, _ = jax.lax.scan(step, x, (times[:-1], times[1:]))
   return _finish(sde, score_fn, x, times[-1], denoise)
@@ -383,6 +396,7 @@ def unipc(sde, score_fn, key, x, times, *, order: int = 2, variant: str = 'bh2',
       return run
 
     x_new, m_s = jax.lax.switch(step_order - 1, [branch(p) for p in range(1, order + 1)], None)
+    x_new, m_s = x_new.astype(x.dtype), m_s.astype(x.dtype)
     if order > 1:
       ms = jnp.concatenate([m0[None], ms[:-1]])
       lams = jnp.concatenate([lam_t[None], lams[:-1]])
@@ -390,7 +404,8 @@ def unipc(sde, score_fn, key, x, times, *, order: int = 2, variant: str = 'bh2',
 
   m_first = _data_prediction(sde, score_fn, x, times[0])
   hist = max(order - 1, 1)
-  init = (x, m_first, jnp.zeros((hist,) + x.shape, x.dtype), jnp.zeros((hist,), x.dtype))
+  init = (x, m_first.astype(x.dtype), jnp.zeros((hist,) + x.shape, x.dtype),
+          jnp.zeros((hist,), times.dtype))
   is_last = jnp.arange(steps) == steps - 1
   (x, _, _, _), _ = jax.lax.scan(step, init, (times[:-1], times[1:], orders, is_last))
   return _finish(sde, score_fn, x, times[-1], denoise)

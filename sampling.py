@@ -455,7 +455,13 @@ def get_fast_sampler(name: str, sde: sde_lib.SDE, shape, *, steps: int = 20, gri
     ``sampler(key, score_fn) -> (samples, nfe)``.
   """
   spec = fast_samplers.FAST_SAMPLERS[name]
+  fixed = sorted(set(options) & set(spec.options))
+  if fixed:
+    raise ValueError(f'sampler {name!r} fixes {fixed} ({spec.options}); choose another name')
   times = fast_samplers.make_grid(sde, spec.default_grid if grid is None else grid, steps, eps)
+  if float(times[0]) != float(jnp.asarray(sde.T, times.dtype)):
+    raise ValueError(f'sampler {name!r} starts from the prior at T = {sde.T}: the grid must '
+                     f'begin there, got {float(times[0])}')
   kwargs = dict(spec.options, denoise=denoise, **options)
   try:   # a misspelt option fails here, not inside the compiled call
     inspect.signature(spec.fn).bind(sde, None, None, None, times, **kwargs)

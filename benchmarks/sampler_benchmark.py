@@ -56,7 +56,8 @@ def parse_args(argv=None):
   p.add_argument('--config', default='configs/vp/digits.py')
   p.add_argument('--digits_samples', type=int, default=1000)
   p.add_argument('--digits_pc_steps', default='100,250,500,1000')
-  p.add_argument('--skip_mixture', action='store_true')
+  p.add_argument('--mixture_from', default='',
+                 help='take part 1 from this JSON of an earlier run instead of running it')
   p.add_argument('--out', default=os.path.join(here, 'results', 'samplers.json'))
   p.add_argument('--plot', default=os.path.join(here, 'results', 'samplers.png'))
   return p.parse_args(argv)
@@ -235,7 +236,9 @@ def main(argv=None):
   result = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'device': str(jax.devices()[0].device_kind), 'platform': platform.platform(),
             'jax': jax.__version__, 'args': vars(args)}
-  if not args.skip_mixture:
+  if args.mixture_from:
+    result['mixture'] = json.load(open(args.mixture_from))['mixture']
+  else:
     result['mixture'] = mixture(args)
   if args.digits:
     result['digits'] = digits(args)

@@ -86,7 +86,7 @@ def _exact_endpoint(sde, x_T, t_end):
 # UniPC with predictor order p is of order p + 1 (its corrector).
 ORDERS = [('ddim', {}, 1), ('heun', {}, 2), ('dpm_solver_2m', {}, 2), ('dpm_solver_2s', {}, 2),
           ('dpm_solver_3m', {}, 3), ('unipc', {'order': 1}, 2), ('unipc', {'order': 2}, 3),
-          ('unipc', {'order': 3}, 4)]
+          ('unipc', {'order': 3}, 4), ('unipc', {'order': 2, 'variant': 'bh1'}, 3)]
 
 
 @pytest.mark.parametrize('name', SDE_NAMES)
@@ -104,7 +104,8 @@ def test_endpoint_error_falls_at_each_methods_order(name, x64):
       x, _ = sampling.get_sampler(sampler, sde, (64, 2), steps=steps, eps=EPS[name], grid='karras',
                                   denoise=False, **options)(key, _gaussian_score(sde))
       errors.append(float(jnp.max(jnp.abs(x - want))))
-    slopes[f'{sampler}{options.get("order", "")}'] = (np.log2(errors[0] / errors[1]), order)
+    label = f'{sampler}{options.get("order", "")}{options.get("variant", "")}'
+    slopes[label] = (np.log2(errors[0] / errors[1]), order)
   # Measured slopes from 40 to 80 steps lie within 0.1 of the order (VE, VP, sub-VP).
   for label, (slope, order) in slopes.items():
     assert abs(slope - order) < 0.2, (label, slopes)
@@ -187,3 +188,26 @@ def test_stochastic_variants_sample_the_mixture(mixture, reference_sets, sampler
   weights, _, _ = mixture_statistics(mixture, x)
   assert float(eval_lib.energy_distance(x, true)) < floor.mean() + 2 * floor.std()
   assert np.abs(weights - np.asarray(mixture.weights)).max() < 3 * np.sqrt(0.25 / N)
+
+
+@pytest.mark.parametrize('name', SDE_NAMES)
+def test_churn_never_asks_the_score_past_T(mixture, name):
+  """EDM's churn raises a level by (1 + gamma); at the first level that would be a time past
+  T, where a network was never trained (a discrete VE label would wrap around): capped."""
+  sde = make_sde(name)
+  exact = mixture.score_fn(sde)
+
+  def guarded(x, t):      # NaN for any evaluation past T
+    return jnp.where((t <= sde.T)[:, None], exact(x, t), jnp.nan)
+
+  x, _ = sampling.get_sampler('heun', sde, (256, 2), steps=10, churn=40.0, eps=EPS[name])(
+      jax.random.PRNGKey(0), guarded)
+  assert np.all(np.isfinite(np.asarray(x)))
+
+
+def test_fast_sampler_requests_that_cannot_be_honoured_are_refused():
+  sde = make_sde('vesde')
+  with pytest.raises(ValueError, match=r"sampler 'dpm_solver_2m' fixes \['order'\]"):
+    sampling.get_sampler('dpm_solver_2m', sde, (4, 2), order=3)
+  with pytest.raises(ValueError, match='the grid must begin there, got 0.5'):
+    sampling.get_sampler('ddim', sde, (4, 2), grid=[0.5, 0.1, 0.01])

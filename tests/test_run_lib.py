@@ -12,7 +12,10 @@ from run_helpers import (main_process, toy_config)
 
 
 def test_short_toy_run_beats_untrained_model(data_dir, tmp_path):
+  # Preemption checkpoints every 300 steps, not the test config's 10 (60 orbax saves were
+  # half of this test's time; resuming is tested in tests/test_train_lib.py).
   config = toy_config(data_dir, **{'training.n_iters': 600, 'training.snapshot_freq': 600,
+                                'training.preemption_freq': 300,
                                 'training.snapshot_sampling': False, 'eval.enable_bpd': False,
                                 'sampling.num_samples': 500, 'sampling.batch_size': 500})
   config.model.hidden = (64, 64)
