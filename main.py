@@ -34,6 +34,8 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import run_lib
   paths = run_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  if jax.process_index() != 0:   # process 0 writes the files: the others have nothing to say
+    return
   for path in paths:
     print(f'Wrote {path}')
   if FLAGS.mode == 'all' and paths:

@@ -263,7 +263,9 @@ def test_training_with_each_loss_matches_the_mixture(mixture, name, loss_name, k
 
   params, values = train(params)
   assert np.all(np.isfinite(np.asarray(values)))
-  sampler = sampling.get_pc_sampler(sde, (4000, 2), 'reverse_diffusion', 'none')
+  # DPM-Solver++(2M) at 20 NFE: on the exact score it matches the mixture as closely as PC at
+  # 2000 NFE (tests/test_fast_samplers.py), at a hundredth of the evaluations of PC's 500 steps.
+  sampler = sampling.get_sampler('dpm_solver_2m', sde, (4000, 2), steps=19)
   x, _ = sampler(jax.random.PRNGKey(2), jax.tree_util.Partial(score, params))
   # Looser bounds than with the exact score: a small network after a short training.
   assert_matches_mixture(mixture, x, weight_tol=0.08, mean_tol=0.25, cov_tol=0.15)
