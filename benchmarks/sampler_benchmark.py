@@ -58,7 +58,8 @@ def parse_args(argv=None):
   p.add_argument('--digits_pc_steps', default='100,250,500,1000')
   p.add_argument('--digits_extra', action='store_true',
                  help='instead of the sweep: the stochastic solvers (DDIM eta = 1, Heun with '
-                      'churn) and the FID spread of DPM-Solver++(2M) at 20 NFE over 5 seeds')
+                      'churn), the FID spread of DPM-Solver++(2M) at 20 NFE over 5 seeds, and '
+                      'PC at 2000 NFE and the ODE at 1e-5 on further seeds')
   p.add_argument('--mixture_from', default='',
                  help='take part 1 from this JSON of an earlier run instead of running it')
   p.add_argument('--out', default=os.path.join(here, 'results', 'samplers.json'))
@@ -162,8 +163,11 @@ def digits(args):
   if args.digits_extra:
     settings = ([('ddim, eta = 1', 'ddim', dict(eta=1.0, steps=n)) for n in (19, 49, 99, 199)]
                 + [('heun, churn = 20', 'heun', dict(churn=20.0, steps=n)) for n in (9, 24, 49, 99)]
-                + [('dpm_solver_2m, seed %d' % k, 'dpm_solver_2m', dict(steps=19)) for k in range(5)])
-    seeds = {'dpm_solver_2m, seed %d' % k: k for k in range(5)}
+                + [('dpm_solver_2m, seed %d' % k, 'dpm_solver_2m', dict(steps=19)) for k in range(5)]
+                + [('pc, seed 1', 'pc', dict(steps=1000))]
+                + [('ode (adaptive), seed %d' % k, 'ode', dict(rtol=1e-5, atol=1e-5, denoise=True))
+                   for k in (1, 2)])
+    seeds = {label: int(label.rsplit(' ', 1)[1]) for label, _, _ in settings if 'seed' in label}
   rows = []
   baselines = context.sample_baselines or {}
   for label, name, options in settings:
