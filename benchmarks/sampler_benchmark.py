@@ -140,6 +140,7 @@ def digits(args):
   import datasets
   import eval_lib
   import evaluation
+  import sampling
   spec = importlib.util.spec_from_file_location('bench_config', args.config)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -149,12 +150,11 @@ def digits(args):
   comp = builder.build(config)
   state, step = eval_lib.restore_for_eval(config, comp, args.digits)
   context = eval_lib.eval_context(config, comp, args.digits)
-  score_fn = comp.score_fn(state.ema_params)
+  ev = context.evaluator
   inverse = datasets.inverse_scaler(config.data.centered)
   names = eval_lib.sample_metric_names(config)
   ec = config.eval
-  batch = config.sampling.batch_size
-  rounds = -(-args.digits_samples // batch)
+  shape = (config.sampling.batch_size,) + tuple(comp.data_shape)
   settings = [(label, name, options) for label, name, options in _settings(args)
               if name != 'pc']
   settings = ([('pc', 'pc', dict(steps=n)) for n in map(int, args.digits_pc_steps.split(','))]
@@ -168,6 +168,11 @@ def digits(args):
                 + [('ode (adaptive), seed %d' % k, 'ode', dict(rtol=1e-5, atol=1e-5, denoise=True))
                    for k in (1, 2)])
     seeds = {label: int(label.rsplit(' ', 1)[1]) for label, _, _ in settings if 'seed' in label}
+
+  def features(x, r):     # what the eval mode keeps of a round: features and logits
+    f, logits = ev(evaluation.quantize_samples(inverse(x)))
+    return np.concatenate([f, logits], axis=-1)
+
   rows = []
   baselines = context.sample_baselines or {}
   for label, name, options in settings:
@@ -175,20 +180,19 @@ def digits(args):
     if name == 'pc':
       kwargs.update(predictor=config.sampling.predictor, corrector=config.sampling.corrector,
                     snr=config.sampling.snr, n_steps=config.sampling.n_steps_each)
-    sampler = builder_sampler(config, comp, name, kwargs, batch)
+    sampler = sampling.get_sampler(name, comp.sde, shape, eps=config.sampling.eps, **kwargs)
     t0 = time.perf_counter()
-    feats = []
-    for r in range(rounds):
-      x, nfe = sampler(jax.random.fold_in(jax.random.PRNGKey(11 + 1000 * seeds.get(label, 0)), r),
-                       score_fn)
-      f, logits = context.evaluator(evaluation.quantize_samples(inverse(np.asarray(x))))
-      feats.append((f, logits))
+    # The eval mode's rounds (round r draws with fold_in(key, r)), with this setting's sampler.
+    out, nfe = eval_lib.sample_rounds(
+        config, comp._replace(sampler=sampler), state.ema_params,
+        jax.random.PRNGKey(11 + 1000 * seeds.get(label, 0)), args.digits_samples, features,
+        (ev.feature_dim + ev.num_classes,))
     seconds = time.perf_counter() - t0
-    f = np.concatenate([a for a, _ in feats])[:args.digits_samples]
-    logits = np.concatenate([b for _, b in feats])[:args.digits_samples]
-    metrics = evaluation.sample_metrics(f, logits, context.reference, metrics=names,
+    out = np.concatenate(out)
+    metrics = evaluation.sample_metrics(out[:, :ev.feature_dim], out[:, ev.feature_dim:],
+                                        context.reference, metrics=names,
                                         kid_subsets=ec.kid_subsets,
-                                        kid_subset_size=min(ec.kid_subset_size, len(f)),
+                                        kid_subset_size=min(ec.kid_subset_size, len(out)),
                                         is_splits=ec.is_splits, seed=0)
     row = dict(sampler=label, options=options, nfe=int(nfe), seconds=seconds, **metrics)
     rows.append(row)
@@ -213,12 +217,6 @@ def digits(args):
   return dict(workdir=args.digits, step=int(step), config=args.config, sde=config.sde.name,
               num_samples=args.digits_samples, rows=rows, target_fid=target,
               smallest_nfe_reaching_target=reach, baselines=baselines)
-
-
-def builder_sampler(config, comp, name, kwargs, batch):
-  import sampling
-  shape = (batch,) + tuple(comp.data_shape)
-  return sampling.get_sampler(name, comp.sde, shape, eps=config.sampling.eps, **kwargs)
 
 
 def plot(result, path):
