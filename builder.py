@@ -299,6 +299,10 @@ def build(config, num_devices: int | None = None) -> Components:
   return build_components(config, data_shape, data_std, train_data, eval_data)
 
 
+# The one setting of config.sampling each few-step solver reads beside steps and grid.
+_SOLVER_SETTING = {'ddim': 'eta', 'heun': 'churn', 'unipc': 'order'}
+
+
 def describe_sampler(config) -> str:
   """The config's sampler in one line, for reports: the method and the settings it reads."""
   s = config.sampling
@@ -310,8 +314,8 @@ def describe_sampler(config) -> str:
     what = f'{s.ode_solver}, rtol {s.rtol:g}, atol {s.atol:g}'
   else:
     grid = s.grid or fast_samplers.FAST_SAMPLERS[s.method].default_grid
-    extra = {'ddim': f', eta {s.eta:g}', 'heun': f', churn {s.churn:g}',
-             'unipc': f', order {s.order}'}.get(s.method, '')
+    field = _SOLVER_SETTING.get(s.method)
+    extra = f', {field} {s[field]:g}' if field else ''
     what = f'{s.steps} steps, {grid} grid{extra}'
   return f'{s.method}: {what}; eps {s.eps:g}, denoise {bool(s.noise_removal)}'
 
@@ -327,8 +331,9 @@ def make_sampler(config, sde, shape):
     options.update(solver=s.ode_solver, rtol=s.rtol, atol=s.atol)
   else:
     options.update(steps=s.steps, grid=s.grid or None)
-    options.update({'ddim': dict(eta=s.eta), 'heun': dict(churn=s.churn),
-                    'unipc': dict(order=s.order)}.get(s.method, {}))
+    if s.method in _SOLVER_SETTING:
+      field = _SOLVER_SETTING[s.method]
+      options[field] = s[field]
   return sampling.get_sampler(s.method, sde, shape, **options)
 
 

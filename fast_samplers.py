@@ -193,10 +193,9 @@ def ddim(sde, score_fn, key, x, times, *, eta: float = 0.0, denoise: bool = True
     a_t, std_t, _ = _coeffs(sde, t)
     a_s, std_s, _ = _coeffs(sde, s)
     x0, eps = _model(sde, score_fn, x, t)
-    a_ts = a_t / a_s
-    post_var = std_s**2 * (1.0 - (a_ts * std_s / std_t)**2)
     if eta == 0:
       return (a_s * x0 + std_s * eps).astype(x.dtype), None
+    post_var = std_s**2 * (1.0 - (a_t / a_s * std_s / std_t)**2)
     var = eta**2 * jnp.maximum(post_var, 0.0)
     z = jax.random.normal(key, x.shape, x.dtype)
     return (a_s * x0 + jnp.sqrt(std_s**2 - var) * eps + jnp.sqrt(var) * z).astype(x.dtype), None
