@@ -113,6 +113,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(config.training[field] % config.training.steps_per_call == 0,
            f'training.{field}={config.training[field]} must be a multiple of '
            f'training.steps_per_call={config.training.steps_per_call}')
+  for field, low in (('num_workers', 0), ('prefetch', 1)):
+    value = config.data[field]
+    _check(isinstance(value, int) and value >= low,
+           f'data.{field} must be an integer >= {low}, got {value!r}')
+  _check(config.data.memory_budget_mb >= 0,
+         f'data.memory_budget_mb must be >= 0, got {config.data.memory_budget_mb}')
   _check(config.optim.lr > 0, f'optim.lr must be positive, got {config.optim.lr}')
   _check(config.optim.warmup >= 0, f'optim.warmup must be >= 0, got {config.optim.warmup}')
   _check(config.optim.grad_clip >= 0, f'optim.grad_clip must be >= 0, got {config.optim.grad_clip}')
@@ -247,7 +253,7 @@ def dataset(config, split, batch_size, training, whole=False):
   """
   common = dict(image_size=config.data.image_size or None, centered=config.data.centered,
                 data_dir=config.data.data_dir or None, seed=stream_seed(config.seed, 'data'),
-                **_tfrecords(config))
+                memory_budget_mb=config.data.memory_budget_mb, **_tfrecords(config))
   if training:
     shards = dict(shard_index=0, shard_count=1) if whole else {}
     return datasets.get_dataset(

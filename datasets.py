@@ -364,11 +364,24 @@ def _crop_resize(image: np.ndarray, crop, size: int | None) -> np.ndarray:
   return image
 
 
-def _image_transform(*, crop, size, random_flip, uniform_dequantization, centered, labels):
-  """examples (dicts with uint8 'image') and a numpy Generator -> a batch of float32 images."""
+def _image_decode(*, crop, size, labels):
+  """examples (dicts with uint8 'image') -> {'image': uint8 [b, size, size, C], 'label'}: the
+  deterministic part of preprocessing, done once per example when the data fit in memory."""
 
-  def transform(examples, rng):
-    images = np.stack([_crop_resize(np.asarray(e['image']), crop, size) for e in examples])
+  def decode(examples):
+    out = {'image': np.stack([_crop_resize(np.asarray(e['image']), crop, size) for e in examples])}
+    if labels:
+      out['label'] = np.asarray([e['label'] for e in examples], np.int32)
+    return out
+
+  return decode
+
+
+def _image_augment(*, random_flip, uniform_dequantization, centered):
+  """Decoded uint8 images and a numpy Generator -> a batch of float32 images (labels kept)."""
+
+  def augment(decoded, rng):
+    images = decoded['image']
     if random_flip:
       flip = rng.random(len(images)) < 0.5
       images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
@@ -380,16 +393,20 @@ def _image_transform(*, crop, size, random_flip, uniform_dequantization, centere
     else:
       x = images.astype(np.float32) / 255.
     batch = {'image': scaler(centered)(x).astype(np.float32)}
-    if labels:
-      batch['label'] = np.asarray([e['label'] for e in examples], np.int32)
+    if 'label' in decoded:
+      batch['label'] = decoded['label']
     return batch
 
-  return transform
+  return augment
 
 
-def _toy_transform(examples, rng):
-  del rng
+def _toy_decode(examples):
   return {'x': np.stack([np.asarray(e['x'], np.float32) for e in examples])}
+
+
+def _no_augment(decoded, rng):
+  del rng
+  return dict(decoded)
 
 
 # ----------------------------------------------------------------------------- Dataset
@@ -419,6 +436,12 @@ class Dataset:
   ``batch_size`` examples per step; flips and dequantization noise of a step come from
   ``default_rng([seed, 1, step, shard_index])``.
 
+  Preprocessing is split in two: ``decode`` (read, crop, resize: the same every time an
+  example is seen) and ``augment`` (flip, dequantize, scale: drawn per step). When this host's
+  decoded block fits ``memory_budget_bytes``, each example is decoded the first time a batch
+  needs it and then served from memory: after one epoch the source is never read again. Both
+  paths give the same batches, bit for bit.
+
   Attributes:
     num_examples: examples in the split (all hosts together).
     shard_size: examples owned by this host.
@@ -426,12 +449,14 @@ class Dataset:
     steps_per_epoch: batches per epoch (the same on every host).
     num_steps: steps in total, or None when repeating forever.
     data_shape: the shape of one example: (H, W, C) for images, (2,) for toy data.
+    in_memory: whether decoded examples are kept in memory.
   """
 
-  def __init__(self, source, transform, *, data_key, batch_size, shard_index, shard_count,
-               seed, num_epochs, shuffle, drop_remainder):
+  def __init__(self, source, decode, augment, *, data_key, batch_size, shard_index, shard_count,
+               seed, num_epochs, shuffle, drop_remainder, memory_budget_bytes=0):
     self._source = source
-    self._transform = transform
+    self._decode = decode
+    self._augment = augment
     self._seed = seed
     self._shuffle = shuffle
     self._shard_index = shard_index
@@ -450,18 +475,24 @@ class Dataset:
     self._start = shard_index * self.shard_size
     self._batched = _supports_batched_reads(source)
     self._order_cache = (None, None)
-    first = transform(self._read(np.array([self._start])), np.random.default_rng(0))
+    first = decode(self._read(np.array([self._start])))
     self.data_shape = first[data_key].shape[1:]
+    self.decoded_bytes = self.shard_size * sum(v[0].nbytes for v in first.values())
+    self.in_memory = self.decoded_bytes <= memory_budget_bytes
+    if self.in_memory:
+      self._memory = {k: np.zeros((self.shard_size,) + v.shape[1:], v.dtype) for k, v in first.items()}
+      self._decoded = np.zeros(self.shard_size, bool)
 
   def _order(self, epoch: int) -> np.ndarray:
-    if self._order_cache[0] != epoch:
+    order_cache = self._order_cache   # one read: worker threads may replace it meanwhile
+    if order_cache[0] != epoch:
       if self._shuffle:
         rng = np.random.default_rng([self._seed, _ORDER_STREAM, epoch])
         order = rng.permutation(self.shard_size)
       else:
         order = np.arange(self.shard_size)
-      self._order_cache = (epoch, order)
-    return self._order_cache[1]
+      order_cache = self._order_cache = (epoch, order)
+    return order_cache[1]
 
   def _read(self, index: np.ndarray) -> list:
     """The examples at ``index``, read in increasing order (faster) and returned in ``index``'s."""
@@ -475,6 +506,18 @@ class Dataset:
       out[position] = item
     return out
 
+  def _decoded_examples(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    """The decoded examples at positions ``index`` of this host's block."""
+    if not self.in_memory:
+      return self._decode(self._read(self._start + index))
+    missing = np.unique(index[~self._decoded[index]])
+    if missing.size:
+      # Threads may decode the same example at once: they write the same values.
+      for k, v in self._decode(self._read(self._start + missing)).items():
+        self._memory[k][missing] = v
+      self._decoded[missing] = True
+    return {k: v[index] for k, v in self._memory.items()}
+
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The batch of global training step ``step`` (random access; resuming needs only step)."""
     step = operator.index(step)   # also numpy and concrete JAX integer scalars
@@ -482,9 +525,9 @@ class Dataset:
       raise IndexError(f'step {step} outside [0, {self.num_steps})')
     epoch, i = divmod(step, self.steps_per_epoch)
     b = self.batch_size
-    index = self._start + self._order(epoch)[i * b:(i + 1) * b]
+    index = self._order(epoch)[i * b:(i + 1) * b]
     rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, step, self._shard_index])
-    return self._transform(self._read(index), rng)
+    return self._augment(self._decoded_examples(index), rng)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     step = 0
@@ -531,7 +574,8 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
                 seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
                 drop_remainder: bool = True, shard_index: int | None = None,
                 shard_count: int | None = None,
-                tfrecords_path: str | Sequence[str] | None = None) -> Dataset:
+                tfrecords_path: str | Sequence[str] | None = None,
+                memory_budget_mb: float = 1024) -> Dataset:
   """This host's deterministic batches of a dataset.
 
   Args:
@@ -555,6 +599,9 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
     drop_remainder: drop the last incomplete batch of each epoch (else it comes out smaller).
     shard_index, shard_count: this host's shard; default jax.process_index() / process_count().
     tfrecords_path: ffhq/celebahq only: a file, glob pattern or list of them.
+    memory_budget_mb: keep decoded examples in memory (decoded once, then served from there)
+      when this host's share of the split takes at most this many MiB decoded (uint8 images
+      after crop and resize; 2 float32 per toy point); 0 always reads the source.
 
   Returns:
     A `Dataset`: ``.batch(step)`` for any step, iteration from step 0, ``num_examples``,
@@ -576,6 +623,9 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
     raise ValueError(f'shard_index must be in [0, {shard_count}), got {shard_index!r}')
   if not isinstance(split, str):
     raise ValueError(f'split must be a string, got {split!r}')
+  if (isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, numbers.Real)
+      or not memory_budget_mb >= 0):
+    raise ValueError(f'memory_budget_mb must be a number >= 0, got {memory_budget_mb!r}')
   data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
   image_options = dict(centered=centered, random_flip=random_flip,
                        uniform_dequantization=uniform_dequantization)
@@ -586,7 +636,7 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
       raise ValueError(f'{", ".join(used)} apply to image datasets, not to toy data {name!r}')
     _check_split(name, split, TOY_SPLITS)
     source = _local_source(_Toy2D, name, split, data_dir)
-    transform, data_key = _toy_transform, 'x'
+    decode, augment, data_key = _toy_decode, _no_augment, 'x'
   else:
     is_lsun = name.startswith('lsun/')
     if name == 'digits':
@@ -606,10 +656,11 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
     else:
       raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(_valid_names())}')
     size = spec.image_size if image_size is None else int(image_size)
-    transform = _image_transform(crop=spec.crop, size=size,
-                                 labels=spec.labels, **image_options)
+    decode = _image_decode(crop=spec.crop, size=size, labels=spec.labels)
+    augment = _image_augment(**image_options)
     data_key = 'image'
-  return Dataset(source, transform, data_key=data_key, batch_size=int(batch_size),
+  return Dataset(source, decode, augment, data_key=data_key, batch_size=int(batch_size),
                  shard_index=int(shard_index), shard_count=int(shard_count), seed=int(seed),
                  num_epochs=None if num_epochs is None else int(num_epochs), shuffle=shuffle,
-                 drop_remainder=drop_remainder)
+                 drop_remainder=drop_remainder,
+                 memory_budget_bytes=int(memory_budget_mb * 2**20))

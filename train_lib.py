@@ -5,6 +5,7 @@ newest only, frequent), metrics.jsonl, tensorboard/, samples/.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import builder
 import parallel
+import pipeline
 import plotting
 
 
@@ -96,11 +98,25 @@ def compile_train_step(comp, config, mesh, unroll: bool | None = None):
                  out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
 
 
+def host_batches(dataset, start_step, steps):
+  """This host's batches of steps [start, start + steps), stacked: [steps, batch, ...]."""
+  local = [dataset.batch(s) for s in range(start_step, start_step + steps)]
+  return jax.tree.map(lambda *xs: np.stack(xs), *local)
+
+
+def to_global(batches, sharding):
+  """Each host's stacked batches as one global array (an asynchronous copy to the devices)."""
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), batches)
+
+
 def global_batches(comp, start_step, steps, sharding):
   """The batches of steps [start, start + steps), each host's shard, as one global array."""
-  local = [comp.train_data.batch(s) for s in range(start_step, start_step + steps)]
-  stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
-  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), stacked)
+  return to_global(host_batches(comp.train_data, start_step, steps), sharding)
+
+
+def call_schedule(start: int, n_iters: int, steps_per_call: int) -> list[tuple[int, int]]:
+  """(first step, number of steps) of each compiled call from ``start`` to ``n_iters``."""
+  return [(s, min(steps_per_call, n_iters - s)) for s in range(start, n_iters, steps_per_call)]
 
 
 class Checkpoints:
@@ -205,8 +221,50 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+def _call_batches(dataset, call):
+  """Host batches of one compiled call (first step, steps): the pipeline's unit of work."""
+  return host_batches(dataset, *call)
+
+
+class _PendingLosses:
+  """Losses of dispatched calls, left on the device until the loop needs them.
+
+  Reading a loss waits for its step; the loop reads them only to log or before a
+  checkpoint, and then checks every step since the last read, so a non-finite loss is still
+  found at its step and never reaches a checkpoint.
+  """
+
+  def __init__(self):
+    self._calls = []   # (first step, device losses [steps])
+
+  def add(self, first_step, losses):
+    self._calls.append((first_step, losses))
+    if len(self._calls) > 2:
+      # Bound the queue of dispatched work without stalling the device: wait for the call
+      # two back while the two after it are still queued.
+      self._calls[-3][1].block_until_ready()
+
+  def read(self, last_good_step, checkpoint_dir):
+    """The last call's losses on the host, after checking all pending ones are finite."""
+    values = jax.device_get([losses for _, losses in self._calls])
+    for (first, _), v in zip(self._calls, values):
+      if not np.all(np.isfinite(v)):
+        bad = first + int(np.argmin(np.isfinite(v))) + 1
+        good = (f'The last good checkpoint (step {last_good_step}) is kept in {checkpoint_dir}.'
+                if last_good_step else 'No checkpoint had been written yet.')
+        raise NonFiniteLossError(
+            f'Loss became {v[~np.isfinite(v)][0]} at step {bad}; training stopped. {good}')
+    self._calls = []
+    return values[-1]
+
+
 def train(config, workdir):
-  """Trains, resuming from the newest checkpoint in ``workdir``. Returns the final state."""
+  """Trains, resuming from the newest checkpoint in ``workdir``. Returns the final state.
+
+  The loop dispatches each compiled call and prepares the next call's batches (``pipeline``)
+  and their copy to the devices while it runs; it reads losses only when logging or
+  checkpointing (`_PendingLosses`).
+  """
   comp = builder.build(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
@@ -221,30 +279,36 @@ def train(config, workdir):
   metrics = _Metrics(workdir, start)
   progress = _Progress(config.training.n_iters, start)
   tc = config.training
-  k = tc.steps_per_call
-  step = start
+  calls = call_schedule(start, tc.n_iters, tc.steps_per_call)
+  host = pipeline.prefetch(functools.partial(_call_batches, comp.train_data), calls,
+                           workers=config.data.num_workers, buffer=config.data.prefetch)
+  pending = _PendingLosses()
+  step, last_good, t0 = start, (start if mngr is not None else 0), time.time()
   try:
-    while step < tc.n_iters:
-      n = min(k, tc.n_iters - step)
-      batches = global_batches(comp, step, n, batch_sharding)
-      new_state, loss = step_fn(state, batches)
-      loss = np.asarray(loss)
-      if not np.all(np.isfinite(loss)):
-        bad = step + int(np.argmin(np.isfinite(loss))) + 1
-        raise NonFiniteLossError(
-            f'Loss became {loss[~np.isfinite(loss)][0]} at step {bad}; training stopped. The last '
-            f'good checkpoint (step {ckpts.latest()[1]}) is kept in {workdir}/checkpoints.')
-      state, step = new_state, step + n
-      if step % tc.log_freq == 0 or step == tc.n_iters:
-        metrics.write(step, loss=float(loss.mean()), learning_rate=float(comp.learning_rate(step)))
-        progress.update(step, float(loss.mean()))
-      if step % tc.snapshot_freq == 0 or step == tc.n_iters:
-        ckpts.save(ckpts.snapshots, step, state)
-        if tc.snapshot_sampling and jax.process_index() == 0:
-          _snapshot_samples(config, comp, parallel.host_local(state.ema_params), workdir, step)
-      elif step % tc.preemption_freq == 0:
-        ckpts.save(ckpts.preemption, step, state)
+    batches = to_global(next(host), batch_sharding) if calls else None
+    for i, (first, n) in enumerate(calls):
+      state, losses = step_fn(state, batches)   # returns at once; the device runs it
+      pending.add(first, losses)
+      step = first + n
+      if i + 1 < len(calls):
+        batches = to_global(next(host), batch_sharding)   # overlaps the running call
+      log = step % tc.log_freq == 0 or step == tc.n_iters
+      snapshot = step % tc.snapshot_freq == 0 or step == tc.n_iters
+      preempt = not snapshot and step % tc.preemption_freq == 0
+      if not (log or snapshot or preempt):
+        continue
+      loss = float(np.mean(pending.read(last_good, os.path.join(workdir, 'checkpoints'))))
+      if log:
+        metrics.write(step, loss=loss, learning_rate=float(comp.learning_rate(step)),
+                      seconds=time.time() - t0)
+        progress.update(step, loss)
+      if snapshot or preempt:
+        ckpts.save(ckpts.snapshots if snapshot else ckpts.preemption, step, state)
+        last_good = step
+      if snapshot and tc.snapshot_sampling and jax.process_index() == 0:
+        _snapshot_samples(config, comp, parallel.host_local(state.ema_params), workdir, step)
   finally:
+    host.close()
     progress.close()
     ckpts.wait()
     ckpts.close()

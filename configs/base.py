@@ -34,6 +34,11 @@ def get_base_config():
   data.num_channels = 3               # image channels (checked against the data)
   data.data_dir = ''                  # '' : datasets.py's default location
   data.tfrecords_path = ''            # ffhq / celebahq: the reference's .tfrecords file(s)
+  # The input pipeline (datasets.py, pipeline.py). Batches are a pure function of the step
+  # whatever these are: they change speed, never numbers.
+  data.memory_budget_mb = 1024        # decode once and serve from memory when a host's share fits
+  data.num_workers = 0                # worker processes preparing batches; 0: one thread
+  data.prefetch = 2                   # training calls' batches prepared ahead of the device
 
   config.sde = sde = ml_collections.ConfigDict()
   sde.name = 'vpsde'                  # vesde | vpsde | subvpsde

@@ -1,12 +1,19 @@
-"""Shared test settings: silent broadcasting raises, compiled programs are cached on disk for
-the whole run, and helpers over the analytic mixture."""
+"""Shared test settings: silent broadcasting raises, XLA spends little time optimizing,
+compiled programs are cached on disk for the whole run, and helpers over the analytic mixture."""
 import os
 import shutil
 import tempfile
 
-import jax
-import numpy as np
-import pytest
+# Most tests compile a program, run it once or a few times on tiny inputs and check the
+# numbers: XLA's optimization passes then cost more than they save (the suite runs in about
+# three quarters of the time without them). Tests that run long loops (training, Monte Carlo,
+# long samplers) carry @pytest.mark.optimized and run fully optimized, as users' runs do.
+# Set in the environment, so that the processes the tests start compile the same way.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -21,6 +28,24 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+
+
+_LOW_EFFORT = os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] not in ('0', 'false', 'False', '')
+jax.config.update('jax_disable_most_optimizations', _LOW_EFFORT)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimization(request, monkeypatch):
+  """Full XLA optimization for tests marked ``optimized`` (and the processes they start)."""
+  if not _LOW_EFFORT or request.node.get_closest_marker('optimized') is None:
+    yield
+    return
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '0')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', True)
 
 
 def pytest_unconfigure(config):

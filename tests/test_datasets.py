@@ -190,6 +190,39 @@ def test_digits_centered_range(data_dir):
   assert x.min() >= -1 and x.max() < 1 and x.min() < -0.9 and x.max() > 0.9
 
 
+def test_memory_and_storage_give_the_same_batches_and_memory_reads_each_example_once(data_dir):
+  """Served from memory (decoded once) or read from storage every time, batches are
+  bit-identical, across epochs and shards, augmentations included."""
+  kwargs = dict(batch_size=128, random_flip=True, uniform_dequantization=True, centered=True,
+                seed=7, shard_index=1, shard_count=2)
+  memory = _get('digits', data_dir, **kwargs)
+  storage = _get('digits', data_dir, memory_budget_mb=0, **kwargs)
+  assert memory.in_memory and not storage.in_memory
+  assert memory.decoded_bytes == 750 * (64 + 4)   # 750 examples per shard: 8x8 uint8 + label
+  reads = []
+  source_read = memory._read
+  memory._read = lambda index: (reads.append(len(index)), source_read(index))[1]
+  steps = list(range(2 * memory.steps_per_epoch + 1)) + [3, 0]
+  for step in steps:
+    a, b = memory.batch(step), storage.batch(step)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f'step {step} {key}')
+  # Each example is read the first time a batch needs it, and only then (the 110 examples
+  # past an epoch's last full batch are read when a later epoch's order reaches them).
+  assert sum(reads) == memory._decoded.sum() > 5 * 128
+  del reads[:]
+  for step in steps:
+    memory.batch(step)
+  assert not reads
+  toy = _get('rings', data_dir, batch_size=500)
+  toy_storage = _get('rings', data_dir, batch_size=500, memory_budget_mb=0)
+  assert toy.in_memory and toy.decoded_bytes == 50_000 * 8
+  for step in (0, 99, 100, 250):
+    np.testing.assert_array_equal(toy.batch(step)['x'], toy_storage.batch(step)['x'])
+  # A budget smaller than the data reads from storage.
+  assert not _get('rings', data_dir, batch_size=500, memory_budget_mb=0.3).in_memory
+
+
 # ----------------------------------------------------------------------------- images (mock)
 
 
@@ -346,6 +379,8 @@ def test_unknown_name_lists_the_valid_ones():
     (dict(num_epochs=0), 'num_epochs'),
     (dict(random_flip=True), 'random_flip'),
     (dict(image_size=32), 'image_size'),
+    (dict(memory_budget_mb=-1), 'memory_budget_mb'),
+    (dict(memory_budget_mb='1G'), 'memory_budget_mb'),
 ])
 def test_bad_arguments_name_the_field(kwargs, field, data_dir):
   with pytest.raises(ValueError, match=field):

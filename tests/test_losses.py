@@ -48,6 +48,7 @@ def _expected_over_t(sde, integrand, eps):
   return scipy.integrate.quad(f, eps, sde.T, limit=200)[0] / (sde.T - eps)
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize('name', SDE_NAMES)
 @pytest.mark.parametrize('likelihood_weighting', [False, True])
 def test_dsm_loss_at_exact_score_is_its_constant(name, likelihood_weighting):
@@ -234,6 +235,7 @@ def _network_score(model, sde, data_var, discrete_ddpm=False):
   return score_fn
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize('name,loss_name,kwargs', TRAINING_CASES)
 def test_training_with_each_loss_matches_the_mixture(mixture, name, loss_name, kwargs):
   sde = make_sde(name, N=500)

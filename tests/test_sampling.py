@@ -21,6 +21,7 @@ PAIRS = [(p, c) for p in sampling.PREDICTORS for c in sampling.CORRECTORS
          if (p, c) != ('none', 'none')]
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize('name', SDE_NAMES)
 @pytest.mark.parametrize('predictor,corrector', PAIRS)
 def test_pc_sampler_reproduces_mixture(mixture, name, predictor, corrector):
@@ -181,6 +182,7 @@ def test_langevin_dynamics_samples_a_gaussian():
   np.testing.assert_allclose(np.cov(x.T), np.asarray(g.covs[0]), atol=0.06)
 
 
+@pytest.mark.optimized
 def test_annealed_langevin_fixes_mode_weights(mixture):
   """NCSN Algorithm 1 recovers the weights that naive Langevin misses (NCSN, section 3.2)."""
   score_fn = lambda x, sigma: mixture.score_at(x, jnp.ones_like(sigma), sigma)

@@ -26,6 +26,7 @@ def _simulate_forward(sde, key, x0, t_end, n_steps):
   return x
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize('name', SDE_NAMES)
 @pytest.mark.parametrize('t_end', [0.3, 1.0])
 def test_marginal_prob_matches_monte_carlo(name, t_end):

@@ -22,7 +22,8 @@ def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
   """A run killed with SIGKILL and restarted ends with the parameters of an uninterrupted run.
 
   The uninterrupted run is the same config trained in this process (the entry point only
-  parses flags into it); the killed one is the entry point in a child process.
+  parses flags into it) with batches made in a thread; the killed one is the entry point in a
+  child process, with batches made by a Grain worker process.
   """
   n_iters, every = 300, 25
   flags = {'training.n_iters': n_iters, 'training.preemption_freq': every,
@@ -30,6 +31,7 @@ def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
            'training.log_freq': every}
   args = ['--mode', 'train'] + [f'--config.{k}={v}' for k, v in flags.items()]
   config = toy_config(data_dir, **flags)
+  args.append('--config.data.num_workers=1')
   straight = str(tmp_path / 'straight')
   train_lib.train(config, straight)
 
@@ -43,7 +45,8 @@ def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
       break
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
-  proc.communicate()
+  # Its worker process dies with it (else it would hold the output pipe open: a timeout here).
+  proc.communicate(timeout=60)
   assert not os.path.isdir(os.path.join(killed, 'checkpoints', 'snapshots', str(n_iters))), \
       'killed too late'
   proc = main_process(args + ['--workdir', killed], data_dir)
@@ -141,6 +144,22 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
   for key in ('eval_loss', 'bpd', 'bpd_stderr', 'test_logp_model', 'energy_distance_model',
               'nfe_likelihood', 'nfe_sampling', 'num_samples'):
     np.testing.assert_allclose(report[key], single[key], rtol=1e-5, err_msg=key)
+
+
+def test_pending_losses_are_all_checked_when_read():
+  """The loop leaves losses on the device between logs; a read checks every step since."""
+  pending = train_lib._PendingLosses()
+  pending.add(0, jnp.array([1.0, 2.0]))
+  pending.add(2, jnp.array([3.0, 4.0]))
+  np.testing.assert_array_equal(pending.read(0, 'ckpts'), [3.0, 4.0])
+  for first, losses in ((4, [1.0, np.inf]), (6, [1.0, 1.0]), (8, [np.nan, 1.0])):
+    pending.add(first, jnp.array(losses))
+  with pytest.raises(train_lib.NonFiniteLossError,
+                     match=r'^Loss became inf at step 6; training stopped. The last good '
+                           r'checkpoint \(step 4\) is kept in ckpts.$'):
+    pending.read(4, 'ckpts')
+  with pytest.raises(train_lib.NonFiniteLossError, match='No checkpoint had been written yet'):
+    pending.read(0, 'ckpts')
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
