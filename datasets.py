@@ -32,6 +32,7 @@ inside their bins and bits/dim remain meaningful.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import numbers
 import operator
@@ -364,40 +365,32 @@ def _crop_resize(image: np.ndarray, crop, size: int | None) -> np.ndarray:
   return image
 
 
-def _image_decode(*, crop, size, labels):
+def _decode_images(examples, *, crop, size, labels):
   """examples (dicts with uint8 'image') -> {'image': uint8 [b, size, size, C], 'label'}: the
   deterministic part of preprocessing, done once per example when the data fit in memory."""
-
-  def decode(examples):
-    out = {'image': np.stack([_crop_resize(np.asarray(e['image']), crop, size) for e in examples])}
-    if labels:
-      out['label'] = np.asarray([e['label'] for e in examples], np.int32)
-    return out
-
-  return decode
+  out = {'image': np.stack([_crop_resize(np.asarray(e['image']), crop, size) for e in examples])}
+  if labels:
+    out['label'] = np.asarray([e['label'] for e in examples], np.int32)
+  return out
 
 
-def _image_augment(*, random_flip, uniform_dequantization, centered):
+def _augment_images(decoded, rng, *, random_flip, uniform_dequantization, centered):
   """Decoded uint8 images and a numpy Generator -> a batch of float32 images (labels kept)."""
-
-  def augment(decoded, rng):
-    images = decoded['image']
-    if random_flip:
-      flip = rng.random(len(images)) < 0.5
-      images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-    if uniform_dequantization:
-      # (x * 255 + u) / 256, u ~ U[0, 1). u lives on a 2^-16 grid so that v + u (< 2^8) is
-      # exact in float32: values never round up into the next bin [v/256, (v+1)/256).
-      u = rng.integers(0, 2**16, images.shape).astype(np.float32) / 2**16
-      x = (images.astype(np.float32) + u) / 256.
-    else:
-      x = images.astype(np.float32) / 255.
-    batch = {'image': scaler(centered)(x).astype(np.float32)}
-    if 'label' in decoded:
-      batch['label'] = decoded['label']
-    return batch
-
-  return augment
+  images = decoded['image']
+  if random_flip:
+    flip = rng.random(len(images)) < 0.5
+    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  if uniform_dequantization:
+    # (x * 255 + u) / 256, u ~ U[0, 1). u lives on a 2^-16 grid so that v + u (< 2^8) is
+    # exact in float32: values never round up into the next bin [v/256, (v+1)/256).
+    u = rng.integers(0, 2**16, images.shape).astype(np.float32) / 2**16
+    x = (images.astype(np.float32) + u) / 256.
+  else:
+    x = images.astype(np.float32) / 255.
+  batch = {'image': scaler(centered)(x).astype(np.float32)}
+  if 'label' in decoded:
+    batch['label'] = decoded['label']
+  return batch
 
 
 def _toy_decode(examples):
@@ -656,8 +649,9 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
     else:
       raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(_valid_names())}')
     size = spec.image_size if image_size is None else int(image_size)
-    decode = _image_decode(crop=spec.crop, size=size, labels=spec.labels)
-    augment = _image_augment(**image_options)
+    # Partials of module functions: a Dataset pickles, for worker processes.
+    decode = functools.partial(_decode_images, crop=spec.crop, size=size, labels=spec.labels)
+    augment = functools.partial(_augment_images, **image_options)
     data_key = 'image'
   return Dataset(source, decode, augment, data_key=data_key, batch_size=int(batch_size),
                  shard_index=int(shard_index), shard_count=int(shard_count), seed=int(seed),

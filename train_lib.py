@@ -244,26 +244,30 @@ class _PendingLosses:
       # two back while the two after it are still queued.
       self._calls[-3][1].block_until_ready()
 
-  def read(self, last_good_step, checkpoint_dir):
-    """The last call's losses on the host, after checking all pending ones are finite."""
-    values = jax.device_get([losses for _, losses in self._calls])
-    for (first, _), v in zip(self._calls, values):
+  def read(self, last_good_step, checkpoint_dir, through=None):
+    """Losses of the call ending at step ``through`` (default: the last call) on the host,
+    after checking that every step up to it is finite; later calls stay pending."""
+    done = [c for c in self._calls if through is None or c[0] + c[1].shape[0] <= through]
+    values = jax.device_get([losses for _, losses in done])
+    for (first, _), v in zip(done, values):
       if not np.all(np.isfinite(v)):
         bad = first + int(np.argmin(np.isfinite(v))) + 1
         good = (f'The last good checkpoint (step {last_good_step}) is kept in {checkpoint_dir}.'
                 if last_good_step else 'No checkpoint had been written yet.')
         raise NonFiniteLossError(
             f'Loss became {v[~np.isfinite(v)][0]} at step {bad}; training stopped. {good}')
-    self._calls = []
+    self._calls = self._calls[len(done):]
     return values[-1]
 
 
 def train(config, workdir):
   """Trains, resuming from the newest checkpoint in ``workdir``. Returns the final state.
 
-  The loop dispatches each compiled call and prepares the next call's batches (``pipeline``)
-  and their copy to the devices while it runs; it reads losses only when logging or
-  checkpointing (`_PendingLosses`).
+  The devices never wait on the host: the loop dispatches a compiled call, then reads the
+  previous call's losses if a log line is due, and makes the next call's batches (or takes
+  them from worker processes: ``pipeline``, data.num_workers, data.prefetch) and starts
+  their copy to the devices, all while the call runs. Losses stay on the devices until a
+  log line or a checkpoint needs them (`_PendingLosses`); a checkpoint waits for its step.
   """
   comp = builder.build(config)
   os.makedirs(workdir, exist_ok=True)
@@ -280,35 +284,50 @@ def train(config, workdir):
   progress = _Progress(config.training.n_iters, start)
   tc = config.training
   calls = call_schedule(start, tc.n_iters, tc.steps_per_call)
-  host = pipeline.prefetch(functools.partial(_call_batches, comp.train_data), calls,
-                           workers=config.data.num_workers, buffer=config.data.prefetch)
+  # Data served from memory are made here, between dispatches: workers would each hold a copy.
+  num_workers = 0 if comp.train_data.in_memory else config.data.num_workers
+  batches_of_calls = pipeline.prefetch(functools.partial(_call_batches, comp.train_data), calls,
+                                       workers=num_workers, buffer=config.data.prefetch,
+                                       put=functools.partial(to_global, sharding=batch_sharding))
   pending = _PendingLosses()
   step, last_good, t0 = start, (start if mngr is not None else 0), time.time()
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+
+  def log(at, losses):
+    loss = float(np.mean(losses))
+    metrics.write(at, loss=loss, learning_rate=float(comp.learning_rate(at)),
+                  seconds=time.time() - t0)
+    progress.update(at, loss)
+
   try:
-    batches = to_global(next(host), batch_sharding) if calls else None
-    for i, (first, n) in enumerate(calls):
-      state, losses = step_fn(state, batches)   # returns at once; the device runs it
+    batches = next(batches_of_calls, None)
+    log_due = None
+    for first, n in calls:
+      state, losses = step_fn(state, batches)   # returns at once; the devices run it
       pending.add(first, losses)
       step = first + n
-      if i + 1 < len(calls):
-        batches = to_global(next(host), batch_sharding)   # overlaps the running call
-      log = step % tc.log_freq == 0 or step == tc.n_iters
+      if log_due is not None:   # the previous call's log line, read while this call runs
+        log(log_due, pending.read(last_good, checkpoint_dir, through=log_due))
+        log_due = None
+      batches = next(batches_of_calls, None)   # made and copied while the call runs
       snapshot = step % tc.snapshot_freq == 0 or step == tc.n_iters
       preempt = not snapshot and step % tc.preemption_freq == 0
-      if not (log or snapshot or preempt):
-        continue
-      loss = float(np.mean(pending.read(last_good, os.path.join(workdir, 'checkpoints'))))
-      if log:
-        metrics.write(step, loss=loss, learning_rate=float(comp.learning_rate(step)),
-                      seconds=time.time() - t0)
-        progress.update(step, loss)
       if snapshot or preempt:
+        # The state is saved before the next call consumes it (its buffers are donated):
+        # wait for this call, and check every loss up to it.
+        losses = pending.read(last_good, checkpoint_dir)
+        if step % tc.log_freq == 0 or step == tc.n_iters:
+          log(step, losses)
         ckpts.save(ckpts.snapshots if snapshot else ckpts.preemption, step, state)
         last_good = step
-      if snapshot and tc.snapshot_sampling and jax.process_index() == 0:
-        _snapshot_samples(config, comp, parallel.host_local(state.ema_params), workdir, step)
+        if snapshot and tc.snapshot_sampling and jax.process_index() == 0:
+          _snapshot_samples(config, comp, parallel.host_local(state.ema_params), workdir, step)
+      elif step % tc.log_freq == 0:
+        log_due = step
+    if log_due is not None:
+      log(log_due, pending.read(last_good, checkpoint_dir, through=log_due))
   finally:
-    host.close()
+    batches_of_calls.close()
     progress.close()
     ckpts.wait()
     ckpts.close()

@@ -37,8 +37,10 @@ def get_base_config():
   # The input pipeline (datasets.py, pipeline.py). Batches are a pure function of the step
   # whatever these are: they change speed, never numbers.
   data.memory_budget_mb = 1024        # decode once and serve from memory when a host's share fits
-  data.num_workers = 0                # worker processes preparing batches; 0: one thread
-  data.prefetch = 2                   # training calls' batches prepared ahead of the device
+  data.num_workers = 0                # worker processes making batches of data read from storage
+                                      # (not used for data in memory); 0: the training process
+                                      # makes them while the devices run the previous call
+  data.prefetch = 2                   # with num_workers > 0: calls' batches each worker makes ahead
 
   config.sde = sde = ml_collections.ConfigDict()
   sde.name = 'vpsde'                  # vesde | vpsde | subvpsde

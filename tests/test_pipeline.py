@@ -1,6 +1,5 @@
-"""pipeline.py: batches made ahead in a thread or in Grain workers, the same as made in place."""
+"""pipeline.py: batches made in the training process or in Grain workers, the same either way."""
 import functools
-import threading
 
 import numpy as np
 import pytest
@@ -20,41 +19,32 @@ def _fail_at_five(i):
   return i
 
 
-def test_thread_keeps_order_and_runs_ahead():
+def test_in_process_items_are_made_when_asked_for_and_put():
   made = []
 
   def make(i):
     made.append(i)
     return _square(i)
 
-  it = pipeline.prefetch(make, range(20), buffer=3)
-  first = next(it)
-  np.testing.assert_array_equal(first['x'], [0, 0, 0])
-  deadline = 100
-  while len(made) < 5 and deadline:   # the thread fills its buffer while we wait
-    threading.Event().wait(0.01)
-    deadline -= 1
-  assert made[:5] == [0, 1, 2, 3, 4]
-  assert len(made) <= 1 + 3 + 1, 'runs further ahead than its buffer'
-  rest = list(it)
-  assert [int(b['x'][0]) for b in [first] + rest] == [i * i for i in range(20)]
+  it = pipeline.prefetch(make, range(20), put=lambda b: b['x'][0])
+  assert not made
+  assert next(it) == 0 and made == [0]
+  assert next(it) == 1 and made == [0, 1]
+  assert list(it) == [i * i for i in range(2, 20)]
 
 
-def test_error_is_raised_at_its_item_and_close_stops_the_thread():
-  it = pipeline.prefetch(_fail_at_five, range(10))
-  assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
-  with pytest.raises(KeyError, match='item five'):
-    next(it)
-  before = threading.active_count()
-  it = pipeline.prefetch(_square, range(1000), buffer=2)
-  next(it)
-  it.close()
-  assert threading.active_count() <= before
+def test_error_is_raised_at_its_item():
+  for workers in (0, 1):
+    it = pipeline.prefetch(_fail_at_five, range(10), workers=workers)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(KeyError, match='item five'):
+      next(it)
 
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(workers=-1), 'workers must be an integer >= 0, got -1'),
     (dict(workers=1.5), 'workers must be an integer >= 0, got 1.5'),
+    (dict(workers=True), 'workers must be an integer >= 0, got True'),
     (dict(buffer=0), 'buffer must be an integer >= 1, got 0')])
 def test_bad_settings_are_named(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -70,7 +60,7 @@ def test_worker_processes_give_the_batches_made_in_place(data_dir):
   calls = train_lib.call_schedule(17, 30, 4)   # a resumed run: steps 17..29, the last call short
   assert calls == [(17, 4), (21, 4), (25, 4), (29, 1)]
   got = list(pipeline.prefetch(functools.partial(train_lib._call_batches, dataset), calls,
-                               workers=2, buffer=1))
+                               workers=2, buffer=1, put=dict))
   assert len(got) == len(calls)
   for (first, n), batch in zip(calls, got):
     want = train_lib.host_batches(dataset, first, n)

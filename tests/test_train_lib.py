@@ -22,8 +22,8 @@ def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
   """A run killed with SIGKILL and restarted ends with the parameters of an uninterrupted run.
 
   The uninterrupted run is the same config trained in this process (the entry point only
-  parses flags into it) with batches made in a thread; the killed one is the entry point in a
-  child process, with batches made by a Grain worker process.
+  parses flags into it), its batches served from memory; the killed one is the entry point in
+  a child process, its batches read from storage by a worker process.
   """
   n_iters, every = 300, 25
   flags = {'training.n_iters': n_iters, 'training.preemption_freq': every,
@@ -31,7 +31,7 @@ def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
            'training.log_freq': every}
   args = ['--mode', 'train'] + [f'--config.{k}={v}' for k, v in flags.items()]
   config = toy_config(data_dir, **flags)
-  args.append('--config.data.num_workers=1')
+  args += ['--config.data.num_workers=1', '--config.data.memory_budget_mb=0']
   straight = str(tmp_path / 'straight')
   train_lib.train(config, straight)
 
@@ -151,7 +151,11 @@ def test_pending_losses_are_all_checked_when_read():
   pending = train_lib._PendingLosses()
   pending.add(0, jnp.array([1.0, 2.0]))
   pending.add(2, jnp.array([3.0, 4.0]))
-  np.testing.assert_array_equal(pending.read(0, 'ckpts'), [3.0, 4.0])
+  pending.add(4, jnp.array([np.nan, 5.0]))   # dispatched after the log line of step 4 was due
+  np.testing.assert_array_equal(pending.read(0, 'ckpts', through=4), [3.0, 4.0])
+  with pytest.raises(train_lib.NonFiniteLossError, match='at step 5;'):
+    pending.read(0, 'ckpts')
+  pending = train_lib._PendingLosses()
   for first, losses in ((4, [1.0, np.inf]), (6, [1.0, 1.0]), (8, [np.nan, 1.0])):
     pending.add(first, jnp.array(losses))
   with pytest.raises(train_lib.NonFiniteLossError,

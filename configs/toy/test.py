@@ -9,6 +9,7 @@ def get_config():
   config.training.log_freq = 10
   config.training.snapshot_freq = 20
   config.training.preemption_freq = 10
+  config.training.steps_per_call = 1  # one compiled step: quick to compile, any frequency
   config.sde.num_scales = 50          # short samplers
   config.model.hidden = (32, 32)
   config.sampling.num_samples = 200
