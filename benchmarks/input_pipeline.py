@@ -206,8 +206,8 @@ def main():
   per_worker = max(r['examples_per_s'] / r['workers'] for r in cifar) if cifar else None
   cores = H100_IMAGES_PER_S / per_worker if per_worker else None
   if per_worker:
-    print(f'\nCIFAR-10 (mock) per worker process: {per_worker:.0f} images/s -> about '
-          f'{int(np.ceil(cores))} cores to feed one H100 at {H100_IMAGES_PER_S} images/s')
+    print(f'\nCIFAR-10 (mock) per worker process: {per_worker:.0f} images/s -> {cores:.1f} worker '
+          f'cores (plus the training process) to feed one H100 at {H100_IMAGES_PER_S} images/s')
   if l_rows:
     print(f"\n{'config':<12} {'batch':>5} {'steps/call':>10} {'step alone ms':>13} {'loop ms':>8} "
           f"{'overhead':>8} {'first epoch ms':>14}")
