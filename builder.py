@@ -148,6 +148,31 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
            'images: set the bits per value (8), which bits/dim dequantization needs')
   _check(config.eval.hutchinson_type in likelihood.HUTCHINSON_TYPES,
          f'eval.hutchinson_type={config.eval.hutchinson_type!r}; valid: {list(likelihood.HUTCHINSON_TYPES)}')
+  _check(config.eval.bpd_num_repeats >= 1,
+         f'eval.bpd_num_repeats must be >= 1 (passes over the test split), got '
+         f'{config.eval.bpd_num_repeats}')
+  _check(config.eval.bpd_max_examples >= 0,
+         f'eval.bpd_max_examples must be >= 0 (0: the whole test split), got '
+         f'{config.eval.bpd_max_examples}')
+  if config.sampling.method == 'pc' and config.sampling.corrector != 'none':
+    _check(config.sampling.snr > 0,
+           f'sampling.snr must be positive with corrector={config.sampling.corrector!r} (the '
+           f"Langevin step's signal-to-noise ratio), got {config.sampling.snr}")
+  sde = config.sde
+  if sde.name.lower() == 'vesde':
+    _check(0 < sde.sigma_min < sde.sigma_max,
+           f'VE noise levels need 0 < sde.sigma_min < sde.sigma_max, got sigma_min='
+           f'{sde.sigma_min}, sigma_max={sde.sigma_max}')
+  else:
+    _check(0 <= sde.beta_min < sde.beta_max,
+           f'{sde.name} needs 0 <= sde.beta_min < sde.beta_max, got beta_min={sde.beta_min}, '
+           f'beta_max={sde.beta_max}')
+  if config.model.name == 'mlp':
+    hidden = config.model.hidden
+    _check(isinstance(hidden, (tuple, list)) and len(hidden) > 0
+           and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden),
+           f'model.hidden must be a non-empty tuple of positive layer widths, e.g. (128, 128), '
+           f'got {hidden!r}')
 
 
 def _make_mlp(config):

@@ -11,6 +11,9 @@ Several hosts (TPU pods, GPU clusters): start the same command on every host wit
 --multihost (TPU pods find each other); elsewhere also pass --coordinator_address,
 --num_processes and --process_id.
 """
+import signal
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -33,7 +36,15 @@ def main(argv):
   if FLAGS.multihost:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   import run_lib
-  paths = run_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  import train_lib
+  try:
+    paths = run_lib.run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except train_lib.Preempted as e:   # SIGINT / SIGTERM while training: the state is saved
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    print('Interrupted.', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
   if jax.process_index() != 0:   # process 0 writes the files: the others have nothing to say
     return
   for path in paths:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -221,6 +223,57 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+class Preempted(Exception):
+  """Training stopped on SIGINT or SIGTERM, after saving a preemption checkpoint."""
+
+  def __init__(self, signum, step, directory):
+    self.exit_code = 128 + signum   # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    super().__init__(
+        f'{signal.Signals(signum).name} received: saved a preemption checkpoint at step {step} '
+        f'in {directory}. The same command resumes from there.')
+
+
+class _StopSignals:
+  """While training: SIGINT and SIGTERM (what schedulers send before preemption) are noted,
+  and the loop stops after the current call, once its state is saved. A second SIGINT
+  stops at once (KeyboardInterrupt), as Ctrl-C usually does."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():   # handlers live there
+      for s in self.SIGNALS:
+        self._previous[s] = signal.signal(s, self._note)
+    return self
+
+  def _note(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f'\n{signal.Signals(signum).name} received: saving a preemption checkpoint after '
+          f'the current step.', file=sys.stderr, flush=True)
+
+  def requested(self, at_sync_point):
+    """The signal every process acts on, or None. With several processes they agree (one
+    small collective) at sync points only, so that all of them save the same step."""
+    if jax.process_count() == 1:
+      return self.signum
+    if not at_sync_point:
+      return None
+    from jax.experimental import multihost_utils
+    seen = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    return int(np.max(seen)) or None
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
 def _call_batches(dataset, call):
   """Host batches of one compiled call (first step, steps): the pipeline's unit of work."""
   return host_batches(dataset, *call)
@@ -300,32 +353,41 @@ def train(config, workdir):
     progress.update(at, loss)
 
   try:
-    batches = next(batches_of_calls, None)
-    log_due = None
-    for first, n in calls:
-      state, losses = step_fn(state, batches)   # returns at once; the devices run it
-      pending.add(first, losses)
-      step = first + n
-      if log_due is not None:   # the previous call's log line, read while this call runs
+    with _StopSignals() as stop:
+      batches = next(batches_of_calls, None)
+      log_due = None
+      for first, n in calls:
+        state, losses = step_fn(state, batches)   # returns at once; the devices run it
+        pending.add(first, losses)
+        step = first + n
+        if log_due is not None:   # the previous call's log line, read while this call runs
+          log(log_due, pending.read(last_good, checkpoint_dir, through=log_due))
+          log_due = None
+        batches = next(batches_of_calls, None)   # made and copied while the call runs
+        snapshot = step % tc.snapshot_freq == 0 or step == tc.n_iters
+        preempt = not snapshot and step % tc.preemption_freq == 0
+        if snapshot or preempt:
+          # The state is saved before the next call consumes it (its buffers are donated):
+          # wait for this call, and check every loss up to it.
+          losses = pending.read(last_good, checkpoint_dir)
+          if step % tc.log_freq == 0 or step == tc.n_iters:
+            log(step, losses)
+          ckpts.save(ckpts.snapshots if snapshot else ckpts.preemption, step, state)
+          last_good = step
+          if snapshot and tc.snapshot_sampling and jax.process_index() == 0:
+            _snapshot_samples(config, comp, parallel.host_local(state.ema_params), workdir, step)
+        elif step % tc.log_freq == 0:
+          log_due = step
+        signum = stop.requested(at_sync_point=step % tc.log_freq == 0 or step == last_good)
+        if signum is not None:
+          if log_due is not None:
+            log(log_due, pending.read(last_good, checkpoint_dir, through=log_due))
+          if last_good != step:
+            pending.read(last_good, checkpoint_dir)
+            ckpts.save(ckpts.preemption, step, state)
+          raise Preempted(signum, step, checkpoint_dir)
+      if log_due is not None:
         log(log_due, pending.read(last_good, checkpoint_dir, through=log_due))
-        log_due = None
-      batches = next(batches_of_calls, None)   # made and copied while the call runs
-      snapshot = step % tc.snapshot_freq == 0 or step == tc.n_iters
-      preempt = not snapshot and step % tc.preemption_freq == 0
-      if snapshot or preempt:
-        # The state is saved before the next call consumes it (its buffers are donated):
-        # wait for this call, and check every loss up to it.
-        losses = pending.read(last_good, checkpoint_dir)
-        if step % tc.log_freq == 0 or step == tc.n_iters:
-          log(step, losses)
-        ckpts.save(ckpts.snapshots if snapshot else ckpts.preemption, step, state)
-        last_good = step
-        if snapshot and tc.snapshot_sampling and jax.process_index() == 0:
-          _snapshot_samples(config, comp, parallel.host_local(state.ema_params), workdir, step)
-      elif step % tc.log_freq == 0:
-        log_due = step
-    if log_due is not None:
-      log(log_due, pending.read(last_good, checkpoint_dir, through=log_due))
   finally:
     batches_of_calls.close()
     progress.close()

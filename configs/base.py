@@ -36,7 +36,7 @@ def get_base_config():
   data.tfrecords_path = ''            # ffhq / celebahq: the reference's .tfrecords file(s)
   # The input pipeline (datasets.py, pipeline.py). Batches are a pure function of the step
   # whatever these are: they change speed, never numbers.
-  data.memory_budget_mb = 1024        # decode once and serve from memory when a host's share fits
+  data.memory_budget_mb = 1024.0      # decode once and serve from memory when a host's share fits
   data.num_workers = 0                # worker processes making batches of data read from storage
                                       # (not used for data in memory); 0: the training process
                                       # makes them while the devices run the previous call

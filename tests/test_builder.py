@@ -28,6 +28,29 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
     config = toy_config(data_dir, **{key: value})
     with pytest.raises(ValueError, match=message):
       builder.validate_config(config, num_devices=1)
+  # Settings that used to run with a wrong meaning or fail deep inside numpy, flax or matplotlib.
+  more = [({'sampling.snr': 0.0}, r"sampling.snr must be positive with corrector='langevin'"),
+          ({'sampling.snr': -0.16}, 'sampling.snr must be positive'),
+          ({'sde.name': 'vesde', 'sde.sigma_min': 0.0},
+           r'0 < sde.sigma_min < sde.sigma_max, got sigma_min=0.0, sigma_max='),
+          ({'sde.name': 'vesde', 'sde.sigma_min': 60.0, 'sde.sigma_max': 50.0},
+           'got sigma_min=60.0, sigma_max=50.0'),
+          ({'sde.beta_max': 0.05}, r'vpsde needs 0 <= sde.beta_min < sde.beta_max, got beta_min=0.1'),
+          ({'eval.bpd_max_examples': -1}, r'eval.bpd_max_examples must be >= 0 \(0: the whole'),
+          ({'eval.bpd_num_repeats': 0}, 'eval.bpd_num_repeats must be >= 1'),
+          ({'model.hidden': ('a', 'b', 'c')},   # what --config.model.hidden=abc gives
+           r"model.hidden must be a non-empty tuple .* got \('a', 'b', 'c'\)"),
+          ({'model.hidden': (64, 0)}, 'model.hidden must be'),
+          ({'data.num_workers': -1}, 'data.num_workers must be an integer >= 0, got -1'),
+          ({'data.prefetch': 0}, 'data.prefetch must be an integer >= 1, got 0'),
+          ({'data.memory_budget_mb': -5.0}, 'data.memory_budget_mb must be >= 0')]
+  for overrides, message in more:
+    config = toy_config(data_dir, **overrides)
+    with pytest.raises(ValueError, match=message):
+      builder.validate_config(config, num_devices=1)
+  # A corrector-free sampler has no use for snr.
+  builder.validate_config(toy_config(data_dir, **{'sampling.snr': 0.0, 'sampling.corrector': 'none'}),
+                          num_devices=1)
   config = toy_config(data_dir, **{'training.batch_size': 64})
   with pytest.raises(ValueError, match='batch_size=64 is not divisible by the 3 devices'):
     builder.validate_config(config, num_devices=3)

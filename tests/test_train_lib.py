@@ -146,6 +146,36 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
     np.testing.assert_allclose(report[key], single[key], rtol=1e-5, err_msg=key)
 
 
+def test_sigint_and_sigterm_save_the_step_and_exit_with_the_conventional_code(data_dir, tmp_path):
+  """Ctrl-C (SIGINT) or a scheduler's SIGTERM while training: the current step finishes, a
+  preemption checkpoint is written at it, one line says so (no traceback), and the exit
+  code is 128 + the signal; the same command then resumes from that step."""
+  workdir = str(tmp_path)
+  args = ['--mode', 'train', '--workdir', workdir, '--config.training.n_iters=1000000',
+          '--config.training.preemption_freq=100000', '--config.training.snapshot_freq=500000',
+          '--config.training.log_freq=10']
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  steps = []
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    before = len(open(metrics).readlines()) if os.path.exists(metrics) else 0
+    proc = main_process(args, data_dir)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not os.path.exists(metrics)
+                                      or len(open(metrics).readlines()) < before + 2):
+      time.sleep(0.05)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, out
+    assert 'Traceback' not in out, out
+    name = signal.Signals(signum).name
+    assert f'{name} received: saving a preemption checkpoint after the current step.' in out
+    saved = int(out.split(f'{name} received: saved a preemption checkpoint at step ')[1].split()[0])
+    assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'preemption', str(saved)))
+    if steps:
+      assert f'Resuming from step {steps[-1]}' in out and saved > steps[-1]
+    steps.append(saved)
+
+
 def test_pending_losses_are_all_checked_when_read():
   """The loop leaves losses on the device between logs; a read checks every step since."""
   pending = train_lib._PendingLosses()
