@@ -35,16 +35,15 @@ def restore_for_eval(config, comp, workdir, step=None):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                        jax.eval_shape(functools.partial(train_lib.init_state, config, comp)))
-  if step is None:
-    mngr, step = ckpts.latest()
-  else:
-    mngr = ckpts.snapshots
-  if mngr is None:
+  try:
+    if step is None:
+      restored, step = ckpts.restore_newest(state)
+      if restored is None:
+        raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first (--mode train).')
+      return restored, step
+    return ckpts.restore(ckpts.snapshots, step, state), step
+  finally:
     ckpts.close()
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first (--mode train).')
-  state = ckpts.restore(mngr, step, state)
-  ckpts.close()
-  return state, step
 
 
 def _draw_round(comp, score_fn, key, r):
@@ -324,9 +323,16 @@ def evaluate(config, workdir):
   steps = sorted(ckpts.snapshots.all_steps())
   ckpts.close()
   ec = config.eval
-  steps = [s for s in steps if s >= ec.begin_ckpt and (ec.end_ckpt <= 0 or s <= ec.end_ckpt)]
+  where = os.path.join(workdir, 'checkpoints', 'snapshots')
   if not steps:
-    raise FileNotFoundError(f'No snapshot to evaluate in {workdir}/checkpoints/snapshots.')
+    raise FileNotFoundError(f'No snapshot to evaluate in {where} (train first: --mode train).')
+  chosen = [s for s in steps if s >= ec.begin_ckpt and (ec.end_ckpt <= 0 or s <= ec.end_ckpt)]
+  if not chosen:
+    end = ec.end_ckpt if ec.end_ckpt > 0 else 'the last'
+    raise FileNotFoundError(
+        f'No snapshot between eval.begin_ckpt={ec.begin_ckpt} and eval.end_ckpt={end} in '
+        f'{where}; it holds steps {steps}.')
+  steps = chosen
   eval_dir = os.path.join(workdir, 'eval')
   os.makedirs(eval_dir, exist_ok=True)
   written = []
@@ -336,8 +342,12 @@ def evaluate(config, workdir):
     if os.path.exists(path):
       written.append(path)
       continue
+    try:
+      state, _ = restore_for_eval(config, comp, workdir, step)
+    except train_lib.DamagedCheckpointError as e:
+      print(f'{e}. Skipping its evaluation.', file=sys.stderr)
+      continue
     context = context or eval_context(config, comp, workdir)
-    state, _ = restore_for_eval(config, comp, workdir, step)
     report = evaluate_checkpoint(config, comp, state, step, workdir, context)
     if jax.process_index() == 0:
       tmp = path + '.tmp'
@@ -349,6 +359,10 @@ def evaluate(config, workdir):
         shutil.rmtree(rounds)   # the report holds what they were kept for
       print(_report_summary(report), file=sys.stderr)
     written.append(path)
+  if not written:
+    raise train_lib.DamagedCheckpointError(
+        f'No snapshot between eval.begin_ckpt and eval.end_ckpt in {where} restores (each one '
+        'is named above).')
   return written
 
 

@@ -125,29 +125,85 @@ class Checkpoints:
   """Two orbax managers; a save is atomic (written to a temporary name, then renamed)."""
 
   def __init__(self, workdir, keep):
-    root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.root = root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.snapshots = ocp.CheckpointManager(
         os.path.join(root, 'snapshots'), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
     self.preemption = ocp.CheckpointManager(
         os.path.join(root, 'preemption'), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
+  def candidates(self):
+    """(manager, step) of every checkpoint of either kind, newest first."""
+    found = [(m, step) for m in (self.preemption, self.snapshots) for step in m.all_steps()]
+    return sorted(found, key=lambda ms: -ms[1])
+
   def latest(self):
     """(manager, step) of the newest checkpoint of either kind, or (None, 0)."""
-    best = (None, 0)
-    for mngr in (self.preemption, self.snapshots):
-      step = mngr.latest_step()
-      if step is not None and step > best[1]:
-        best = (mngr, step)
-    return best
+    found = self.candidates()
+    return found[0] if found else (None, 0)
 
   def restore(self, mngr, step, target):
+    """The checkpoint at ``step`` of ``mngr``, shaped like ``target``.
+
+    Raises:
+      DamagedCheckpointError: its metadata or its data cannot be read back.
+      ValueError: it was written for other shapes (another model.* or optim.* setting).
+    """
+    where = f'The checkpoint at step {step} in {mngr.directory}'
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-    except ValueError as e:
+      meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(step), 'default'))
+      tree = getattr(meta, 'item_metadata', meta)
+      tree = getattr(tree, 'tree', tree)
+    except Exception:   # orbax raises many kinds here; all mean the same to a user
+      tree = None
+    if tree is None:
+      raise DamagedCheckpointError(f'{where} is damaged: its metadata are missing or unreadable')
+    saved = sorted(tuple(a.shape) for a in jax.tree.leaves(tree))
+    wanted = sorted(tuple(a.shape) for a in jax.tree.leaves(abstract))
+    if saved != wanted:
       raise ValueError(
-          f'The checkpoint at step {step} in {mngr.directory} does not fit this config\'s model '
-          f'or optimizer (was it written with another model.* or optim.* setting?): {e}') from e
+          f"{where} does not fit this config's model or optimizer (was it written with another "
+          f'model.* or optim.* setting?): it holds {len(saved)} arrays, this config '
+          f'{len(wanted)}; first shapes that differ: '
+          f'{sorted(set(saved) ^ set(wanted))[:3] or "the same shapes, other counts"}')
+    try:
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:   # tensorstore and orbax errors run to hundreds of lines
+      first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+      raise DamagedCheckpointError(f'{where} is damaged: its data do not read back ({first})') from e
+
+  def restore_newest(self, target):
+    """(state, step) of the newest checkpoint that restores, or (None, 0) when there is none.
+
+    A damaged one is reported, renamed to ``<step>.damaged`` (kept for inspection, out of
+    the way of the step's next save) and the next newest is tried; checkpoints that restore
+    are never touched. Raises when checkpoints exist and none restores.
+    """
+    skipped = []
+    for mngr, step in self.candidates():
+      try:
+        return self.restore(mngr, step, target), step
+      except DamagedCheckpointError as e:
+        skipped.append(str(e))
+        print(f'{e}. Skipping it; it is kept as {step}.damaged.', file=sys.stderr)
+        self._set_aside(mngr, step)
+    if skipped:
+      raise DamagedCheckpointError(
+          f'No checkpoint in {self.root} restores: ' + '; '.join(skipped))
+    return None, 0
+
+  def _set_aside(self, mngr, step):
+    if jax.process_index() == 0:
+      path = os.path.join(str(mngr.directory), str(step))
+      aside = path + '.damaged'
+      n = 1
+      while os.path.exists(aside):
+        aside, n = f'{path}.damaged{n}', n + 1
+      os.rename(path, aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    mngr.reload()
 
   def save(self, mngr, step, state):
     mngr.save(step, args=ocp.args.StandardSave(state))
@@ -221,6 +277,10 @@ class _Metrics:
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+class DamagedCheckpointError(RuntimeError):
+  """A checkpoint whose files cannot be read back (truncated, garbled, partly missing)."""
 
 
 class Preempted(Exception):
@@ -328,10 +388,10 @@ def train(config, workdir):
   step_fn, batch_sharding = compile_train_step(comp, config, mesh)
   ckpts = Checkpoints(workdir, config.training.snapshot_keep)
   state = init_state(config, comp)
-  mngr, start = ckpts.latest()
-  if mngr is not None:
-    state = ckpts.restore(mngr, start, state)
-    print(f'Resuming from step {start} ({mngr.directory})', file=sys.stderr)
+  restored, start = ckpts.restore_newest(state)
+  if restored is not None:
+    state = restored
+    print(f'Resuming from step {start} ({ckpts.root})', file=sys.stderr)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   metrics = _Metrics(workdir, start)
   progress = _Progress(config.training.n_iters, start)
@@ -343,7 +403,7 @@ def train(config, workdir):
                                        workers=num_workers, buffer=config.data.prefetch,
                                        put=functools.partial(to_global, sharding=batch_sharding))
   pending = _PendingLosses()
-  step, last_good, t0 = start, (start if mngr is not None else 0), time.time()
+  step, last_good, t0 = start, start, time.time()
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
 
   def log(at, losses):

@@ -32,6 +32,12 @@ def test_eval_and_sample_modes_write_what_they_say(data_dir, tmp_path):
   mtime = os.path.getmtime(reports[1])
   eval_lib.evaluate(config, workdir)
   assert os.path.exists(reports[0]) and os.path.getmtime(reports[1]) == mtime
+  # A range that selects no snapshot says which ones exist.
+  far = toy_config(data_dir, **{'eval.begin_ckpt': 100})
+  with pytest.raises(FileNotFoundError,
+                     match=r'No snapshot between eval.begin_ckpt=100 and eval.end_ckpt=the last '
+                           r'in .*snapshots; it holds steps \[20, 40\]'):
+    eval_lib.evaluate(far, workdir)
   npz, png = eval_lib.sample(config, workdir)
   data = np.load(npz)
   assert data['samples'].shape == (config.sampling.num_samples, 2)

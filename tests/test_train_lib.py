@@ -1,6 +1,8 @@
 """train_lib.py: the training loop, its checkpoints and resume, sharding, several processes."""
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,3 +265,85 @@ def test_scanned_steps_equal_written_out_steps(data_dir):
   assert int(s_scanned.step) == int(s_unrolled.step) == 3
   for a, b in zip(jax.tree.leaves(s_scanned), jax.tree.leaves(s_unrolled)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _biggest_data_file(step_dir):
+  files = glob.glob(os.path.join(step_dir, 'default', '**', 'd', '*'), recursive=True)
+  return max(files, key=os.path.getsize)
+
+
+DAMAGES = {
+    'missing data chunks': lambda d: [os.remove(f) for f in glob.glob(
+        os.path.join(d, 'default', '**', 'd', '*'), recursive=True)],
+    'random bytes over a data file': lambda d: open(_biggest_data_file(d), 'r+b').write(
+        np.random.default_rng(0).bytes(400)),
+    'a truncated data file': lambda d: os.truncate(_biggest_data_file(d), 50),
+    'an emptied _METADATA': lambda d: open(os.path.join(d, 'default', '_METADATA'), 'w').close(),
+    'the default/ directory removed': lambda d: shutil.rmtree(os.path.join(d, 'default')),
+}
+
+
+@pytest.fixture(scope='module')
+def trained_40(data_dir, tmp_path_factory):
+  """Snapshots at 20 and 40, the preemption checkpoint at 30; the final parameters."""
+  workdir = str(tmp_path_factory.mktemp('trained_40'))
+  config = toy_config(data_dir, **{'training.snapshot_sampling': False})
+  state = train_lib.train(config, workdir)
+  return config, workdir, [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGES))
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_that_restores(trained_40, damage,
+                                                                          tmp_path, capsys):
+  config, workdir, _ = trained_40
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  snapshots = os.path.join(copy, 'checkpoints', 'snapshots')
+  DAMAGES[damage](os.path.join(snapshots, '40'))
+  comp = builder.build(config)
+  ckpts = train_lib.Checkpoints(copy, config.training.snapshot_keep)
+  state, step = ckpts.restore_newest(train_lib.init_state(config, comp))
+  ckpts.close()
+  assert step == 30
+  err = capsys.readouterr().err
+  assert f'The checkpoint at step 40 in {snapshots} is damaged' in err, err
+  assert 'Skipping it; it is kept as 40.damaged.' in err and len(err.splitlines()) == 1, err
+  assert sorted(os.listdir(snapshots)) == ['20', '40.damaged']
+  assert os.listdir(os.path.join(copy, 'checkpoints', 'preemption')) == ['30']
+  good = train_lib.Checkpoints(workdir, 3)   # the undamaged original
+  want = good.restore(good.preemption, 30, train_lib.init_state(config, comp))
+  good.close()
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_training_resumes_past_a_damaged_checkpoint_and_eval_skips_it(trained_40, tmp_path):
+  """Resumed from step 30 past a garbled snapshot 40, training ends with the parameters of
+  the undamaged run, bit for bit; eval names the damaged snapshot and evaluates the others;
+  with every checkpoint damaged, one message names the directory."""
+  config, workdir, final = trained_40
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  root = os.path.join(copy, 'checkpoints')
+  DAMAGES['random bytes over a data file'](os.path.join(root, 'snapshots', '40'))
+  shutil.rmtree(os.path.join(root, 'preemption', '30'))
+  e_config = toy_config(config.data.data_dir, **{'eval.bpd_max_examples': 20,
+                                                 'training.snapshot_sampling': False})
+  assert [os.path.basename(p) for p in eval_lib.evaluate(e_config, copy)] == ['report_20.json']
+  assert not os.path.exists(os.path.join(copy, 'eval', 'report_40.json'))
+  state = train_lib.train(config, copy)   # from step 20
+  for x, y in zip(jax.tree.leaves(state.params), final):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  assert sorted(os.listdir(os.path.join(root, 'snapshots'))) == ['20', '40', '40.damaged']
+  for step in ('20', '40'):
+    DAMAGES['an emptied _METADATA'](os.path.join(root, 'snapshots', step))
+  shutil.rmtree(os.path.join(copy, 'eval'))   # reports already written are not redone
+  with pytest.raises(train_lib.DamagedCheckpointError,
+                     match=f'No snapshot between .* in {root}/snapshots restores'):
+    eval_lib.evaluate(e_config, copy)
+  DAMAGES['an emptied _METADATA'](os.path.join(root, 'preemption', '30'))
+  with pytest.raises(train_lib.DamagedCheckpointError, match=f'No checkpoint in {root} restores'):
+    train_lib.train(config, copy)
