@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import builder
@@ -151,9 +152,9 @@ class Checkpoints:
     where = f'The checkpoint at step {step} in {mngr.directory}'
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(step), 'default'))
-      tree = getattr(meta, 'item_metadata', meta)
-      tree = getattr(tree, 'tree', tree)
+      meta = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(str(mngr.directory)) / str(step) / 'default')
+      tree = getattr(meta, 'tree', meta)
     except Exception:   # orbax raises many kinds here; all mean the same to a user
       tree = None
     if tree is None:
