@@ -288,6 +288,7 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
     checkpoint_import.import_checkpoint(str(tmp_path / 'missing.pth'), config)
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_workdir_that_eval_restores(tmp_path):
   """The CLI's checkpoint restores through eval_lib (as sample/eval/train do) with the
   imported step, model and EMA parameters, and an optimizer state that fits the config."""

@@ -30,6 +30,7 @@ def trained(data_dir, tmp_path_factory):
   return config, workdir, json.load(open(path))
 
 
+@pytest.mark.slow
 def test_classifier_learns_clean_digits_and_knows_nothing_at_the_prior(trained):
   """VP SDE: at t = 0.001 the images are clean, at t = 1 the signal is e^-5 of the noise."""
   _, _, report = trained
@@ -40,6 +41,7 @@ def test_classifier_learns_clean_digits_and_knows_nothing_at_the_prior(trained):
   assert acc[0.001] >= acc[0.1] >= acc[1.0] - 0.05, acc
 
 
+@pytest.mark.slow
 def test_classifier_training_resumes_to_the_same_parameters(data_dir, tmp_path):
   config = _classifier_config(data_dir, n_iters=40, checkpoint_freq=20)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -62,6 +64,7 @@ def test_damaged_classifier_checkpoint_is_not_trusted(trained, tmp_path):
     classifier_lib.train_classifier(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_conditional_mode_writes_a_grid_and_the_target_accuracy(trained, data_dir):
   """The entry point end to end on a 2-step score model: the mechanics, not the quality
   (README's measured figures come from a trained model)."""

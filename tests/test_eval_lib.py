@@ -16,6 +16,7 @@ from run_helpers import (image_config_files, tiny_digits_config, toy_config)
 from configs.toy import test as test_config
 
 
+@pytest.mark.slow
 def test_eval_and_sample_modes_write_what_they_say(data_dir, tmp_path):
   config = toy_config(data_dir)
   workdir = str(tmp_path)
@@ -51,6 +52,7 @@ def test_eval_and_sample_modes_write_what_they_say(data_dir, tmp_path):
   assert report['sampler'].startswith('pc: reverse_diffusion + langevin')
 
 
+@pytest.mark.slow
 def test_digits_eval_report_with_baselines_resumes_after_a_kill(data_dir, tmp_path):
   config = tiny_digits_config(data_dir)
   workdir = str(tmp_path / 'run')
@@ -150,6 +152,7 @@ def _eval_only(config, workdir, state):
   return json.load(open(path))
 
 
+@pytest.mark.slow
 def test_eval_dequantizes_and_runs_the_network_without_dropout(data_dir, tmp_path, monkeypatch):
   """Through eval_lib.evaluate: with data.uniform_dequantization off (as CIFAR-10), the batches
   that reach the likelihood are off the 8-bit grid; and the eval loss runs the network in

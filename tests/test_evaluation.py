@@ -405,6 +405,7 @@ def test_diagonal_gaussian_bpd_equals_closed_form():
 # ----------------------------------------------------------------------------- dataset statistics
 
 
+@pytest.mark.slow
 def test_stats_mode_on_mock_cifar10_with_random_inception_weights(random_state_dict, tmp_path,
                                                                   monkeypatch):
   """--mode stats end to end: no dropped last batch, uint8 inputs, a clear error for each

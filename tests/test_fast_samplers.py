@@ -89,6 +89,7 @@ ORDERS = [('ddim', {}, 1), ('heun', {}, 2), ('dpm_solver_2m', {}, 2), ('dpm_solv
           ('unipc', {'order': 3}, 4), ('unipc', {'order': 2, 'variant': 'bh1'}, 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', SDE_NAMES)
 def test_endpoint_error_falls_at_each_methods_order(name, x64):
   sde = make_sde(name)
@@ -154,6 +155,7 @@ def reference_sets(mixture):
 FAST_AT_20 = [('dpm_solver_2m', 19), ('dpm_solver_3m', 19), ('unipc', 19), ('dpm_solver_2s', 9)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', SDE_NAMES)
 def test_twenty_evaluations_match_the_mixture_as_well_as_pc_at_2000(mixture, reference_sets, name):
   """Energy distance to a true set of the same size and the mode weights, for PC

@@ -75,6 +75,7 @@ def tiny_model(data_dir, tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('task,method', [('inpainting', 'imputation'), ('mri', 'dps')])
 def test_inverse_mode_writes_picture_and_report(tiny_model, task, method):
   """The mode end to end on a 2-step digits model: the mechanics and the exact consistency of

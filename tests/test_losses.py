@@ -235,6 +235,7 @@ def _network_score(model, sde, data_var, discrete_ddpm=False):
   return score_fn
 
 
+@pytest.mark.slow
 @pytest.mark.optimized
 @pytest.mark.parametrize('name,loss_name,kwargs', TRAINING_CASES)
 def test_training_with_each_loss_matches_the_mixture(mixture, name, loss_name, kwargs):

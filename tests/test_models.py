@@ -74,6 +74,7 @@ def _count(tree):
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_shape_finite_and_depends_on_t(name):
   model, shape = CASES[name]

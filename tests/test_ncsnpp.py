@@ -349,6 +349,7 @@ def test_bf16_convolutions_and_matmuls_run_in_bf16(name):
   assert 'bf16' not in hlo32
 
 
+@pytest.mark.slow
 def test_bf16_config_trains_one_step_through_train_lib():
   """configs/ve/cifar10_ncsnpp_continuous at tiny size with model.dtype='bfloat16': the
   params, optimizer and EMA state stay float32 and one training step gives a finite loss."""

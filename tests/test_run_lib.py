@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import pytest
 
 import builder
 import datasets
@@ -11,6 +12,7 @@ import train_lib
 from run_helpers import (main_process, toy_config)
 
 
+@pytest.mark.slow
 def test_short_toy_run_beats_untrained_model(data_dir, tmp_path):
   # Preemption checkpoints every 300 steps, not the test config's 10 (60 orbax saves were
   # half of this test's time; resuming is tested in tests/test_train_lib.py).

@@ -20,6 +20,7 @@ import train_lib
 from run_helpers import ROOT, free_port, main_process, restore_final, tiny_paper_config, toy_config
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_gives_identical_parameters(data_dir, tmp_path):
   """A run killed with SIGKILL and restarted ends with the parameters of an uninterrupted run.
 
@@ -105,6 +106,7 @@ SHARDED_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_one_device(data_dir):
   script = SHARDED_SCRIPT.format(root=ROOT, data_dir=data_dir)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
@@ -113,6 +115,7 @@ def test_sharded_step_on_8_devices_matches_one_device(data_dir):
   assert 'SHARDED OK' in result.stdout, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_step(data_dir, tmp_path):
   """Two processes on loopback, joined by jax.distributed.initialize (CPU collectives: gloo),
   run --mode all: they train in step, then share the evaluation's batches and sampling rounds
@@ -148,6 +151,7 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
     np.testing.assert_allclose(report[key], single[key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_save_the_step_and_exit_with_the_conventional_code(data_dir, tmp_path):
   """Ctrl-C (SIGINT) or a scheduler's SIGTERM while training: the current step finishes, a
   preemption checkpoint is written at it, one line says so (no traceback), and the exit
@@ -213,6 +217,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['ve.cifar10_ncsnpp_continuous', 've.ncsnv2.cifar10'])
 def test_paper_config_trains_and_samples_at_tiny_size(name, data_dir, tmp_path):
   """The paper's networks through the whole path: loss with dropout, step, checkpoint, sampler."""
@@ -249,6 +254,7 @@ def test_ema_warmup_follows_the_pytorch_reference(data_dir):
 
 
 
+@pytest.mark.slow
 def test_scanned_steps_equal_written_out_steps(data_dir):
   """Accelerators run the steps of a call in lax.scan; CPU writes them out. Same state."""
   config = toy_config(data_dir)
@@ -295,6 +301,8 @@ def trained_40(data_dir, tmp_path_factory):
   return config, workdir, [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
+# orbax leaves its reader coroutines unfinished when a restore fails: expected here.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', sorted(DAMAGES))
 def test_damaged_newest_checkpoint_falls_back_to_the_newest_that_restores(trained_40, damage,
                                                                           tmp_path, capsys):
@@ -320,6 +328,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_that_restores(traine
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# orbax leaves its reader coroutines unfinished when a restore fails: expected here.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+@pytest.mark.slow
 def test_training_resumes_past_a_damaged_checkpoint_and_eval_skips_it(trained_40, tmp_path):
   """Resumed from step 30 past a garbled snapshot 40, training ends with the parameters of
   the undamaged run, bit for bit; eval names the damaged snapshot and evaluates the others;
