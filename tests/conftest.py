@@ -48,13 +48,6 @@ def _xla_optimization(request, monkeypatch):
     jax.config.update('jax_disable_most_optimizations', True)
 
 
-def pytest_collection_modifyitems(config, items):
-  """Tests marked slow (10 s or more here) first, in their collected order: xdist's workers
-  share them out early and end together on the short ones, instead of one worker running
-  the last long test while the others wait."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
-
-
 def pytest_unconfigure(config):
   """The process that made the run's cache (pytest itself, not an xdist worker) removes it."""
   if os.environ.get('SCORE_SDE_TEST_CACHE_OWNER') == str(os.getpid()):
