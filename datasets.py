@@ -477,15 +477,14 @@ class Dataset:
       self._decoded = np.zeros(self.shard_size, bool)
 
   def _order(self, epoch: int) -> np.ndarray:
-    order_cache = self._order_cache   # one read: worker threads may replace it meanwhile
-    if order_cache[0] != epoch:
+    if self._order_cache[0] != epoch:
       if self._shuffle:
         rng = np.random.default_rng([self._seed, _ORDER_STREAM, epoch])
         order = rng.permutation(self.shard_size)
       else:
         order = np.arange(self.shard_size)
-      order_cache = self._order_cache = (epoch, order)
-    return order_cache[1]
+      self._order_cache = (epoch, order)
+    return self._order_cache[1]
 
   def _read(self, index: np.ndarray) -> list:
     """The examples at ``index``, read in increasing order (faster) and returned in ``index``'s."""
@@ -505,7 +504,6 @@ class Dataset:
       return self._decode(self._read(self._start + index))
     missing = np.unique(index[~self._decoded[index]])
     if missing.size:
-      # Threads may decode the same example at once: they write the same values.
       for k, v in self._decode(self._read(self._start + missing)).items():
         self._memory[k][missing] = v
       self._decoded[missing] = True

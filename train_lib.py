@@ -137,11 +137,6 @@ class Checkpoints:
     found = [(m, step) for m in (self.preemption, self.snapshots) for step in m.all_steps()]
     return sorted(found, key=lambda ms: -ms[1])
 
-  def latest(self):
-    """(manager, step) of the newest checkpoint of either kind, or (None, 0)."""
-    found = self.candidates()
-    return found[0] if found else (None, 0)
-
   def restore(self, mngr, step, target):
     """The checkpoint at ``step`` of ``mngr``, shaped like ``target``.
 
@@ -176,9 +171,10 @@ class Checkpoints:
   def restore_newest(self, target):
     """(state, step) of the newest checkpoint that restores, or (None, 0) when there is none.
 
-    A damaged one is reported, renamed to ``<step>.damaged`` (kept for inspection, out of
-    the way of the step's next save) and the next newest is tried; checkpoints that restore
-    are never touched. Raises when checkpoints exist and none restores.
+    A damaged one is reported, renamed to ``<step>.damaged`` (``.damaged1``, ... when taken;
+    kept for inspection, out of the way of the step's next save) and the next newest is
+    tried; checkpoints that restore are never touched. Raises when checkpoints exist and
+    none restores.
     """
     skipped = []
     for mngr, step in self.candidates():
@@ -186,25 +182,26 @@ class Checkpoints:
         return self.restore(mngr, step, target), step
       except DamagedCheckpointError as e:
         skipped.append(str(e))
-        print(f'{e}. Skipping it; it is kept as {step}.damaged.', file=sys.stderr)
-        self._set_aside(mngr, step)
+        aside = self._set_aside(mngr, step)
+        print(f'{e}. Skipping it; it is kept as {aside}.', file=sys.stderr)
     if skipped:
       raise DamagedCheckpointError(
           f'No checkpoint in {self.root} restores: ' + '; '.join(skipped))
     return None, 0
 
   def _set_aside(self, mngr, step):
+    """Renames a damaged checkpoint to the first free ``<step>.damaged[n]``; returns that name."""
+    path = os.path.join(str(mngr.directory), str(step))
+    aside, n = path + '.damaged', 1
+    while os.path.exists(aside):
+      aside, n = f'{path}.damaged{n}', n + 1
     if jax.process_index() == 0:
-      path = os.path.join(str(mngr.directory), str(step))
-      aside = path + '.damaged'
-      n = 1
-      while os.path.exists(aside):
-        aside, n = f'{path}.damaged{n}', n + 1
       os.rename(path, aside)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
     mngr.reload()
+    return os.path.basename(aside)
 
   def save(self, mngr, step, state):
     mngr.save(step, args=ocp.args.StandardSave(state))
