@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,6 +42,7 @@ import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 import builder  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py)
 import datasets  # noqa: E402
 import parallel  # noqa: E402
 import pipeline  # noqa: E402
@@ -215,18 +214,9 @@ def main():
       print(f"{r['config']:<12} {r['batch_size']:>5} {r['steps_per_call']:>10} "
             f"{r['step_alone_ms']:>13.3f} {r['loop_ms']:>8.3f} {100 * r['overhead']:>7.1f}% "
             f"{r['first_epoch_loop_ms']:>14.3f}")
-  result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                             devices=[str(d) for d in jax.devices()], jax=jax.__version__),
-                quick=args.quick, pipeline=p_rows, loop=l_rows,
-                cifar10_images_per_s_per_worker=per_worker,
-                cores_to_feed_one_h100=cores)
-  out = os.path.join(ROOT, 'benchmarks', 'results',
-                     'input_pipeline_quick.json' if args.quick else 'input_pipeline.json')
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(result, f, indent=1)
-  print(f'Wrote {out}')
+  common.write_result('input_pipeline_quick.json' if args.quick else 'input_pipeline.json',
+                      quick=args.quick, pipeline=p_rows, loop=l_rows,
+                      cifar10_images_per_s_per_worker=per_worker, cores_to_feed_one_h100=cores)
 
 
 if __name__ == '__main__':

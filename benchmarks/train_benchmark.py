@@ -15,10 +15,7 @@ Writes benchmarks/results/train.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import builder  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py)
 import parallel  # noqa: E402
 import train_lib  # noqa: E402
 from configs.toy import mixture  # noqa: E402
@@ -95,15 +93,7 @@ def main():
           f"{r['steps_per_s']:>9.2f} {r['examples_per_s']:>11.0f} {r['speedup_vs_baseline']:>11.2f}")
   if readme:
     print(f"README command: {readme['seconds']:.0f} s (exit {readme['returncode']})")
-  result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(),
-                             devices=[str(d) for d in jax.devices()], jax=jax.__version__),
-                rows=rows, readme_command=readme)
-  out = os.path.join(ROOT, 'benchmarks', 'results', 'train.json')
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(result, f, indent=1)
-  print(f'Wrote {out}')
+  common.write_result('train.json', rows=rows, readme_command=readme)
 
 
 if __name__ == '__main__':
