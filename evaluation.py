@@ -49,14 +49,14 @@ from models.digits_classifier import DigitsClassifier
 from models.inception import InceptionV3, resize_bilinear
 
 INCEPTION_WEIGHTS_ENV = 'SCORE_SDE_INCEPTION_WEIGHTS'
-# pytorch-fid's weights (a port of TF's 2015-12-05 Inception graph), as torch.hub names them:
-# the file name carries the first 8 hex digits of the file's sha256.
+# pytorch-fid's weights (a port of TF's 2015-12-05 Inception graph): the one source the
+# converter accepts and the loader trusts. torch.hub names the file by the first 8 hex digits of
+# its sha256; the full hash and size are those published with the file (torch-fidelity ships
+# the same bytes as weights-inception-2015-12-05-6726825d.pth).
 PYTORCH_FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/'
                            'fid_weights/pt_inception-2015-12-05-6726825d.pth')
-PYTORCH_FID_WEIGHTS_SHA256_PREFIX = '6726825d'
-# sha256 of the converted flax file. Unknown until someone converts the real weights (they
-# cannot be downloaded where this was written); record it here once, then every load checks it.
-INCEPTION_WEIGHTS_SHA256: str | None = None
+PYTORCH_FID_WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
+PYTORCH_FID_WEIGHTS_BYTES = 95_628_359
 
 # The FID network's input size and the images per call. Tests of the plumbing lower them (the
 # size to 75, the smallest the network takes) to run fast on a CPU; every reported number
@@ -262,8 +262,51 @@ def file_sha256(path) -> str:
   return digest.hexdigest()
 
 
+def write_weights_record(path: str, source_sha256: str, source_name: str) -> str:
+  """Writes ``<path>.sha256`` (sha256sum format): the converted file's hash, then its source's.
+
+  Returns the converted file's sha256. `load_inception_variables` checks both lines.
+  """
+  digest = file_sha256(path)
+  with open(path + '.sha256', 'w') as f:
+    f.write(f'{digest}  {os.path.basename(path)}\n{source_sha256}  {source_name}\n')
+  return digest
+
+
+def read_weights_record(path: str) -> tuple[str, str]:
+  """(converted sha256, source sha256) of converted FID weights, both checked.
+
+  The converted file must match its record, and the record must name pytorch-fid's file
+  (PYTORCH_FID_WEIGHTS_SHA256) as the source: other weights give FID/KID/IS that cannot be
+  compared with published numbers. (The record guards against wrong or stale files, not
+  against a hand-forged one.)
+  """
+  record = path + '.sha256'
+  if not os.path.isfile(record):
+    raise FileNotFoundError(
+        f'{record} is missing: scripts/convert_inception_weights.py writes it next to the weights')
+  with open(record) as f:
+    lines = [line.split() for line in f if line.strip()]
+  if len(lines) != 2 or any(len(line) != 2 for line in lines):
+    raise ValueError(f'{record}: expected two lines "<sha256>  <file>" (the converted weights, '
+                     'then their source .pth); convert the weights again with '
+                     'scripts/convert_inception_weights.py')
+  (recorded, _), (source, source_name) = lines
+  actual = file_sha256(path)
+  if actual != recorded:
+    raise ValueError(f'{path}: sha256 {actual} does not match {record} ({recorded}): the file '
+                     'changed after conversion; convert the weights again')
+  if source != PYTORCH_FID_WEIGHTS_SHA256:
+    raise ValueError(f'{path} was converted from {source_name} (sha256 {source}), not from '
+                     f"pytorch-fid's weights (sha256 {PYTORCH_FID_WEIGHTS_SHA256}): its FID/KID/IS "
+                     f'would not be comparable with published numbers. Get '
+                     f'{PYTORCH_FID_WEIGHTS_URL} and convert it with '
+                     'scripts/convert_inception_weights.py')
+  return actual, source
+
+
 def load_inception_variables(weights_path: str | None = None) -> dict:
-  """Loads converted FID Inception weights, checked against their sha256.
+  """Loads converted FID Inception weights, checked against their record (`read_weights_record`).
 
   Args:
     weights_path: the .msgpack written by scripts/convert_inception_weights.py; default
@@ -275,7 +318,7 @@ def load_inception_variables(weights_path: str | None = None) -> dict:
   Raises:
     FileNotFoundError: no path given, or the file or its .sha256 is missing (the message says
       where to get and how to convert the weights).
-    ValueError: a checksum does not match.
+    ValueError: a checksum does not match, or the weights were not converted from pytorch-fid's.
   """
   path = weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
   if not path:
@@ -283,17 +326,7 @@ def load_inception_variables(weights_path: str | None = None) -> dict:
         where=f' (no weights_path and ${INCEPTION_WEIGHTS_ENV} is not set)'))
   if not os.path.isfile(path):
     raise FileNotFoundError(_MISSING_WEIGHTS.format(where=f' at {path!r}'))
-  if not os.path.isfile(path + '.sha256'):
-    raise FileNotFoundError(
-        f'{path}.sha256 is missing: convert_inception_weights.py writes it next to the weights')
-  with open(path + '.sha256') as f:
-    recorded = f.read().split()[0]
-  actual = file_sha256(path)
-  if actual != recorded:
-    raise ValueError(f'{path}: sha256 {actual} does not match {path}.sha256 ({recorded})')
-  if INCEPTION_WEIGHTS_SHA256 is not None and actual != INCEPTION_WEIGHTS_SHA256:
-    raise ValueError(f'{path}: sha256 {actual} is not the converted pytorch-fid weights '
-                     f'({INCEPTION_WEIGHTS_SHA256})')
+  read_weights_record(path)
   with open(path, 'rb') as f:
     return flax.serialization.msgpack_restore(f.read())
 
@@ -352,8 +385,7 @@ class InceptionEvaluator:
                image_size: int | None = None):
     self.variables = load_inception_variables(weights_path)
     path = weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
-    with open(path + '.sha256') as f:   # checked against the file by the load above
-      self.weights_sha256 = f.read().split()[0]
+    self.weights_sha256, self.source_sha256 = read_weights_record(path)
     image_size = image_size or INCEPTION_IMAGE_SIZE
     self.image_size = image_size
     self.half_pixel_centers = half_pixel_centers
@@ -366,6 +398,7 @@ class InceptionEvaluator:
     return {'network': 'FID Inception-v3 (the 2015 TF graph of tf-gan, as ported by '
                        'pytorch-fid): pool_3 features (FID, KID), 1008 logits (IS)',
             'weights_sha256': self.weights_sha256,
+            'converted_from_sha256': self.source_sha256,
             'resize': f'bilinear to {self.image_size}x{self.image_size}, no antialiasing, '
                       f'{centers}',
             'input_scaling': 'uint8 k -> k / 127.5 - 1'}

@@ -5,10 +5,11 @@ pt_inception-2015-12-05-6726825d.pth
     python scripts/convert_inception_weights.py pt_inception-2015-12-05-6726825d.pth \
         inception_fid.msgpack
 
-Reading the .pth needs torch (CPU is enough: pip install torch). The source file's sha256
-must start with 6726825d (torch.hub names files by that prefix); --allow_other_source skips
-the check. Writes the flax msgpack and, next to it, ``<out>.sha256`` (sha256sum format), which
-evaluation.load_inception_variables verifies at every load. Every tensor of the state dict
+Reading the .pth needs torch (CPU is enough: pip install torch). The source must be
+pytorch-fid's file, byte for byte (evaluation.PYTORCH_FID_WEIGHTS_SHA256): no other network
+gives FID/KID/IS comparable with published numbers. Writes the flax msgpack and, next to it,
+``<out>.sha256`` (sha256sum format: the converted file's hash, then the source's), which
+evaluation.load_inception_variables checks at every load. Every tensor of the state dict
 lands in the variables (conv OIHW -> HWIO, BatchNorm -> scale/bias + mean/var, fc transposed);
 the converted file is checked by converting it back.
 """
@@ -58,24 +59,22 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('source', help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
   parser.add_argument('out', help='the flax weights to write, e.g. inception_fid.msgpack')
-  parser.add_argument('--allow_other_source', action='store_true',
-                      help='convert a .pth whose sha256 does not start with 6726825d')
   args = parser.parse_args()
 
   source_sha = evaluation.file_sha256(args.source)
-  if not source_sha.startswith(evaluation.PYTORCH_FID_WEIGHTS_SHA256_PREFIX):
-    message = (f'{args.source}: sha256 {source_sha} does not start with '
-               f'{evaluation.PYTORCH_FID_WEIGHTS_SHA256_PREFIX}: not pytorch-fid\'s '
-               f'{evaluation.PYTORCH_FID_WEIGHTS_URL}')
-    if not args.allow_other_source:
-      raise SystemExit(message + ' (pass --allow_other_source to convert it anyway)')
-    print('warning: ' + message)
+  if source_sha != evaluation.PYTORCH_FID_WEIGHTS_SHA256:
+    size = os.path.getsize(args.source)
+    raise SystemExit(
+        f"{args.source}: sha256 {source_sha} ({size:,} bytes) is not pytorch-fid's "
+        f'weights (sha256 {evaluation.PYTORCH_FID_WEIGHTS_SHA256}, '
+        f'{evaluation.PYTORCH_FID_WEIGHTS_BYTES:,} bytes): download '
+        f'{evaluation.PYTORCH_FID_WEIGHTS_URL} again')
   data = convert(read_torch_state_dict(args.source))
-  with open(args.out, 'wb') as f:
+  tmp = args.out + '.tmp'
+  with open(tmp, 'wb') as f:
     f.write(data)
-  digest = evaluation.file_sha256(args.out)
-  with open(args.out + '.sha256', 'w') as f:
-    f.write(f'{digest}  {os.path.basename(args.out)}\n')
+  os.replace(tmp, args.out)
+  digest = evaluation.write_weights_record(args.out, source_sha, os.path.basename(args.source))
   print(f'source sha256 {source_sha}')
   print(f'wrote {args.out} (sha256 {digest}) and {args.out}.sha256')
 

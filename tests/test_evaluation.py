@@ -1,6 +1,9 @@
 """evaluation: FID/KID/IS against plain references and closed forms, the Inception network's
 shapes and weight conversion (no torch, random weights), the digits evaluator and baselines."""
+import hashlib
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -334,15 +337,50 @@ def test_missing_inception_weights_raise_a_clear_error(tmp_path, monkeypatch):
     evaluation.InceptionEvaluator(str(tmp_path / 'missing.msgpack'))
 
 
-def test_inception_weights_checksum_is_verified(tmp_path, monkeypatch):
+def test_inception_weights_checksum_and_source_are_verified(tmp_path, monkeypatch):
   path = tmp_path / 'w.msgpack'
   path.write_bytes(b'not the weights')
   with pytest.raises(FileNotFoundError, match='sha256'):
     evaluation.load_inception_variables(str(path))
-  (tmp_path / 'w.msgpack.sha256').write_text('0' * 64 + '  w.msgpack\n')
+  record = tmp_path / 'w.msgpack.sha256'
+  record.write_text(evaluation.file_sha256(path) + '  w.msgpack\n')   # no source line
+  with pytest.raises(ValueError, match='expected two lines'):
+    evaluation.load_inception_variables(str(path))
+  pth = 'pt_inception-2015-12-05-6726825d.pth'
+  record.write_text('0' * 64 + f'  w.msgpack\n{evaluation.PYTORCH_FID_WEIGHTS_SHA256}  {pth}\n')
   monkeypatch.setenv(evaluation.INCEPTION_WEIGHTS_ENV, str(path))
   with pytest.raises(ValueError, match='does not match'):
     evaluation.load_inception_variables()
+  # Converted from another .pth (a matching record beside it is not enough).
+  other = hashlib.sha256(b'another network').hexdigest()
+  evaluation.write_weights_record(str(path), other, 'other.pth')
+  with pytest.raises(ValueError, match=f"converted from other.pth .sha256 {other}., not from "
+                                       "pytorch-fid's weights"):
+    evaluation.load_inception_variables()
+  evaluation.write_weights_record(str(path), evaluation.PYTORCH_FID_WEIGHTS_SHA256, pth)
+  assert evaluation.read_weights_record(str(path)) == (
+      evaluation.file_sha256(path), evaluation.PYTORCH_FID_WEIGHTS_SHA256)
+
+
+def test_pinned_pytorch_fid_hash_is_the_one_its_file_name_carries():
+  # torch.hub names a file by the first 8 hex digits of its sha256.
+  name = evaluation.PYTORCH_FID_WEIGHTS_URL.rsplit('/', 1)[1]
+  assert name == 'pt_inception-2015-12-05-6726825d.pth'
+  assert len(evaluation.PYTORCH_FID_WEIGHTS_SHA256) == 64
+  assert evaluation.PYTORCH_FID_WEIGHTS_SHA256.startswith(name[-12:-4])
+
+
+def test_converter_refuses_a_file_that_is_not_pytorch_fids(tmp_path):
+  source = tmp_path / 'pt_inception-2015-12-05-6726825d.pth'
+  source.write_bytes(b'a download cut short')
+  script = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'convert_inception_weights.py')
+  result = subprocess.run([sys.executable, script, str(source), str(tmp_path / 'out.msgpack')],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr
+  assert f'sha256 {evaluation.file_sha256(source)} (20 bytes) is not pytorch-fid' in result.stderr
+  assert evaluation.PYTORCH_FID_WEIGHTS_SHA256 in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'out.msgpack').exists()
 
 
 # ----------------------------------------------------------------------------- digits
@@ -432,7 +470,10 @@ def test_stats_mode_on_mock_cifar10_with_random_inception_weights(random_state_d
     weights = tmp_path / 'inception.msgpack'
     weights.write_bytes(flax.serialization.msgpack_serialize(
         inception.inception_variables_from_torch(random_state_dict)))
-    (tmp_path / 'inception.msgpack.sha256').write_text(evaluation.file_sha256(weights))
+    # A stand-in for the converted weights: random values, recorded as converted from
+    # pytorch-fid's file so that the loader accepts them.
+    evaluation.write_weights_record(str(weights), evaluation.PYTORCH_FID_WEIGHTS_SHA256,
+                                    'pt_inception-2015-12-05-6726825d.pth')
     config.eval.inception_weights = str(weights)
     with pytest.raises(FileNotFoundError, match='--mode stats'):
       eval_lib.load_stats(config, workdir, evaluation.InceptionEvaluator(str(weights)), (32, 32, 3))
