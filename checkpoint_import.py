@@ -40,6 +40,7 @@ import os
 import pickle
 import pickletools
 import re
+import sys
 import zipfile
 from typing import Any, Mapping
 
@@ -669,30 +670,47 @@ def write_workdir(config, imported: dict, workdir: str) -> str:
   params = {'params': imported['params']}
   state = train_lib.TrainState(jnp.asarray(imported['step'], jnp.int32), params,
                              {'params': imported['ema_params']}, comp.optimizer.init(params))
+  where = os.path.join(os.path.abspath(workdir), 'checkpoints', 'snapshots', str(imported['step']))
+  if os.path.exists(where):
+    raise FileExistsError(f'{where} exists: {workdir} already holds a snapshot at step '
+                          f"{imported['step']}. Import into another --workdir (or remove that "
+                          'directory to replace it).')
   ckpts = train_lib.Checkpoints(workdir, config.training.snapshot_keep)
   ckpts.save(ckpts.snapshots, imported['step'], state)
   ckpts.wait()
   ckpts.close()
-  return os.path.join(os.path.abspath(workdir), 'checkpoints', 'snapshots', str(imported['step']))
+  return where
 
 
-def import_into_workdir(config, checkpoint: str, workdir: str) -> tuple[int, str]:
+def import_into_workdir(config, checkpoint: str, workdir: str,
+                        allow_config_change: bool = False) -> tuple[int, str]:
   """Reads and checks the whole checkpoint, then writes it; (step, directory written).
 
-  Nothing is written unless every tensor was read and fits the config's network.
+  Nothing is written unless every tensor was read and fits the config's network. The workdir
+  records the config (workdir.py): one made with another model, SDE or data config is
+  refused unless ``allow_config_change``; an existing snapshot at the same step is never
+  replaced.
   """
+  import workdir as workdir_lib
   imported = import_checkpoint(checkpoint, config)
-  return imported['step'], write_workdir(config, imported, workdir)
+  with workdir_lib.claim(config, workdir, 'import', allow_config_change):
+    return imported['step'], write_workdir(config, imported, workdir)
 
 
 def main(argv):
   del argv
-  from absl import logging
+  import errors
   config = FLAGS.config
   import builder
-  builder.validate_config(config, num_devices=1)
-  step, where = import_into_workdir(config, FLAGS.checkpoint, FLAGS.workdir)
-  logging.info('Imported %s (step %d) into %s', FLAGS.checkpoint, step, where)
+  try:
+    builder.validate_config(config, num_devices=1)
+    step, where = import_into_workdir(config, FLAGS.checkpoint, FLAGS.workdir,
+                                      FLAGS.allow_config_change)
+  except Exception as e:  # noqa: BLE001
+    message = errors.user_message(e)
+    if message is None or FLAGS.verbose:
+      raise
+    sys.exit(f'error: {message}\n{errors.VERBOSE_HINT}')
   print(f'imported step {step} -> {where}')
 
 
@@ -704,5 +722,8 @@ if __name__ == '__main__':
                                   lock_config=True)
   flags.DEFINE_string('checkpoint', None, 'A score_sde_pytorch .pth or a score_sde checkpoint_N.')
   flags.DEFINE_string('workdir', None, 'Where to write our checkpoint.')
+  flags.DEFINE_bool('allow_config_change', False,
+                    'Import into a workdir made with another model, SDE or data config.')
+  flags.DEFINE_bool('verbose', False, 'Print the traceback of a user error.')
   flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
   app.run(main)

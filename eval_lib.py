@@ -314,6 +314,8 @@ def eval_context(config, comp, workdir):
 def evaluate(config, workdir):
   """Evaluates every snapshot (begin_ckpt..end_ckpt) once; a report JSON per checkpoint.
 
+  Returns the reports written by this call; those an earlier call wrote are kept and named.
+
   Reports already written are skipped, and within a checkpoint the sampling rounds already
   done (eval/rounds_<step>_<signature>/) are read back, so a preempted evaluation resumes
   where it stopped and gives the numbers of an uninterrupted one.
@@ -335,12 +337,15 @@ def evaluate(config, workdir):
   steps = chosen
   eval_dir = os.path.join(workdir, 'eval')
   os.makedirs(eval_dir, exist_ok=True)
-  written = []
+  written, kept = [], []
   context = None
   for step in steps:
     path = os.path.join(eval_dir, f'report_{step}.json')
     if os.path.exists(path):
-      written.append(path)
+      kept.append(path)
+      if jax.process_index() == 0:
+        print(f'Kept {path}, written by an earlier eval (delete it to evaluate step {step} '
+              'again).', file=sys.stderr)
       continue
     try:
       state, _ = restore_for_eval(config, comp, workdir, step)
@@ -359,7 +364,7 @@ def evaluate(config, workdir):
         shutil.rmtree(rounds)   # the report holds what they were kept for
       print(_report_summary(report), file=sys.stderr)
     written.append(path)
-  if not written:
+  if not written and not kept:
     raise train_lib.DamagedCheckpointError(
         f'No snapshot between eval.begin_ckpt and eval.end_ckpt in {where} restores (each one '
         'is named above).')

@@ -55,3 +55,18 @@ def map_over_processes(fn, n, item_shape=()):
       out[i] = all_data[p, offsets[j]:offsets[j + 1]]
   return out
 
+
+
+def check_processes_agree(value: float, what: str):
+  """Raises when processes hold different values of something that must be replicated.
+
+  ``value`` summarizes this process's copy (e.g. a parameter checksum); with one process
+  there is nothing to compare.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  values = np.asarray(multihost_utils.process_allgather(np.float64(value)), np.float64).ravel()
+  if not np.all(values == values[0]):
+    raise RuntimeError(f'processes disagree on {what}: ' + ', '.join(
+        f'process {p}: {v:.10e}' for p, v in enumerate(values)))

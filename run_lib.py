@@ -5,16 +5,21 @@ eval_lib.py, the device mesh and multi-process helpers in parallel.py.
 """
 from __future__ import annotations
 
+import os
+
+import jax
+
 import builder
 import eval_lib
 import train_lib
+import workdir as workdir_lib
 
 
 MODES = ('train', 'eval', 'sample', 'stats', 'all', 'train_classifier', 'conditional', 'inverse')
 
 
-def run(config, workdir, mode):
-  """Dispatches one mode; 'all' trains, then evaluates. Returns the written paths.
+def run(config, workdir, mode, allow_config_change=False):
+  """Dispatches one mode; 'all' trains, then evaluates. Returns the paths it wrote.
 
   'stats' computes the dataset statistics that FID/KID compare with (`compute_stats`).
   'train_classifier' trains the noise-conditional classifier of class guidance and
@@ -22,9 +27,19 @@ def run(config, workdir, mode):
   posteriors of measured test images (inverse_lib.py).
   'all' first checks that the evaluation can run (feature network, statistics), so that a
   missing file fails before training rather than after it.
+
+  The workdir belongs to the config that made it and to one run at a time (workdir.py): a
+  config that differs in its model, SDE or data is refused unless ``allow_config_change``.
   """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; valid modes: {list(MODES)}')
+  builder.validate_config(config)   # before the workdir records it
+  with workdir_lib.claim(config, workdir, mode, allow_config_change,
+                         writer=jax.process_index() == 0):
+    return _dispatch(config, workdir, mode)
+
+
+def _dispatch(config, workdir, mode):
   if mode == 'train':
     train_lib.train(config, workdir)
     return []
@@ -33,7 +48,9 @@ def run(config, workdir, mode):
   if mode == 'eval':
     return eval_lib.evaluate(config, workdir)
   if mode == 'stats':
-    return [eval_lib.compute_stats(config, workdir)[0]]
+    existed = os.path.exists(eval_lib.stats_path(config, workdir))
+    path = eval_lib.compute_stats(config, workdir)[0]
+    return [] if existed else [path]
   if mode in ('train_classifier', 'conditional'):
     import classifier_lib   # the classifier's modules load only for these modes
     if mode == 'train_classifier':
@@ -46,7 +63,4 @@ def run(config, workdir, mode):
     shape = builder.dataset(config, config.eval.stats_split, 1, False).data_shape
     eval_lib.load_stats(config, workdir, eval_lib.feature_evaluator(config), shape)
   train_lib.train(config, workdir)
-  reports = eval_lib.evaluate(config, workdir)
-  return reports
-
-
+  return eval_lib.evaluate(config, workdir)

@@ -24,6 +24,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import builder
+import errors
 import parallel
 import pipeline
 import plotting
@@ -273,11 +274,11 @@ class _Metrics:
       self.tb.close()
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """A loss became NaN or inf (the message names the step and the checkpoint to go back to)."""
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(errors.UserError, RuntimeError):
   """A checkpoint whose files cannot be read back (truncated, garbled, partly missing)."""
 
 
@@ -452,8 +453,8 @@ def train(config, workdir):
     ckpts.wait()
     ckpts.close()
     metrics.close()
-  print(f'process {jax.process_index()}: step {step}, params fingerprint '
-        f'{params_fingerprint(state.params):.10e}', file=sys.stderr)
+  # Every process must end with the same parameters (they are replicated).
+  parallel.check_processes_agree(params_fingerprint(state.params), f'the parameters at step {step}')
   return state
 
 

@@ -22,6 +22,7 @@ import pytest
 import builder
 import checkpoint_import
 import eval_lib
+import workdir
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 REL_TOL = 1e-4
@@ -293,8 +294,9 @@ def test_command_line_writes_a_workdir_that_eval_restores(tmp_path):
   """The CLI's checkpoint restores through eval_lib (as sample/eval/train do) with the
   imported step, model and EMA parameters, and an optimizer state that fits the config."""
   config, data, path = _fixture('torch', 've_ncsnpp_continuous')
-  imported = checkpoint_import.import_checkpoint(path, config)
-  checkpoint_import.write_workdir(config, imported, str(tmp_path))
+  step, where = checkpoint_import.import_into_workdir(config, path, str(tmp_path))
+  assert step == 7 and where == str(tmp_path / 'checkpoints' / 'snapshots' / '7')
+  assert workdir.read_record(str(tmp_path))['defining'] == workdir.defining_fields(config)
   comp = builder.build_components(config, (16, 16, 3))
   state, step = eval_lib.restore_for_eval(config, comp, str(tmp_path))
   assert step == 7 and int(state.step) == 7
@@ -302,3 +304,7 @@ def test_command_line_writes_a_workdir_that_eval_restores(tmp_path):
                 data['out_ema'])
   _assert_close(_apply(config, state.params['params'], data['x'], data['labels']),
                 data['out'])
+  # A second import at the same step never replaces the first one's parameters.
+  with pytest.raises(FileExistsError, match='already holds a snapshot at step 7'):
+    checkpoint_import.import_into_workdir(config, path, str(tmp_path))
+

@@ -1,0 +1,76 @@
+"""errors: a user error (bad config, path or file, a mismatched or busy workdir, a full disk)
+is printed by main.py in a line or a few, naming what is wrong, without a traceback; --verbose
+shows the traceback; a bug keeps its traceback."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+import errors
+import train_lib
+import workdir
+from run_helpers import ROOT, toy_config
+
+
+def _main(args, cwd):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'main.py')] + args, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+  return result.returncode, result.stdout + result.stderr
+
+
+def test_user_errors_are_their_message_and_bugs_are_not_user_errors():
+  assert errors.user_message(ValueError('eval.batch_size must be > 0')) == \
+      'eval.batch_size must be > 0'
+  assert errors.user_message(train_lib.DamagedCheckpointError('x is damaged')) == 'x is damaged'
+  assert errors.user_message(workdir.WorkdirBusyError('busy')) == 'busy'
+  assert errors.user_message(FileNotFoundError('no such file')) == 'no such file'
+  full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), '/runs/a/checkpoints/tmp')
+  message = errors.user_message(full)
+  assert message.startswith('Disk full writing /runs/a/checkpoints/tmp (No space left on device)')
+  assert '\n' not in message and 'resumes from its last checkpoint' in message
+  for bug in (TypeError('unsupported operand'), AttributeError('x'), KeyError('k'),
+              OSError(errno.EIO, 'I/O error')):
+    assert errors.user_message(bug) is None
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--config', '{tmp}/no_get_config.py'],
+     'error: --config {tmp}/no_get_config.py: the file defines no get_config(). A config file '
+     'defines get_config() returning its ConfigDict (see configs/toy/mixture.py).'),
+    (['--config', '{tmp}/missing.py'], 'error: --config {tmp}/missing.py: no such file.'),
+    (['--config', 'configs/toy/test.py', '--config.sde.nme=1'],
+     "error: --config.sde.nme: sde has no field 'nme' (did you mean 'name'?)."),
+    (['--config', 'configs/toy/test.py', '--config.training.n_iters=abc'],
+     "error: flag --config.training.n_iters=abc: invalid literal for int() with base 10: 'abc'"),
+])
+def test_config_errors_are_one_line_without_traceback(tmp_path, args, expected):
+  (tmp_path / 'no_get_config.py').write_text('CONFIG = None\n')
+  args = [a.format(tmp=tmp_path) for a in args]
+  code, out = _main(args + ['--workdir', str(tmp_path / 'w')], ROOT)
+  assert code == 1 and out.strip() == expected.format(tmp=tmp_path), out
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.slow
+def test_run_errors_print_the_message_and_verbose_the_traceback(data_dir, tmp_path):
+  """A bad setting found at start-up, and a workdir made by another config: a few lines
+  naming the field, no traceback, no "\\n" inside a line; --verbose adds the traceback."""
+  args = ['--config', 'configs/toy/test.py', f'--config.data.data_dir={data_dir}',
+          '--workdir', str(tmp_path), '--mode', 'sample']
+  code, out = _main(args + ['--config.sde.name=vesde', '--config.sde.sigma_min=0'], ROOT)
+  assert code == 1 and 'Traceback' not in out, out
+  assert out.strip().splitlines() == [
+      'error: Invalid config: VE noise levels need 0 < sde.sigma_min < sde.sigma_max, got '
+      'sigma_min=0.0, sigma_max=50.0', errors.VERBOSE_HINT]
+  workdir.check(toy_config(data_dir), str(tmp_path), 'train')   # a VP run's workdir
+  code, out = _main(args + ['--config.sde.name=vesde'], ROOT)
+  assert code == 1 and 'Traceback' not in out and '\\n' not in out, out
+  lines = out.strip().splitlines()
+  assert lines[0] == f'error: --workdir {tmp_path} holds a run of another config ' \
+                     f'({tmp_path}/config.json); these fields differ:'
+  assert "  sde.name: 'vpsde' in the workdir, 'vesde' in this config" in lines
+  assert lines[-1] == errors.VERBOSE_HINT
+  code, out = _main(args + ['--config.sde.name=vesde', '--verbose'], ROOT)
+  assert code == 1 and 'Traceback' in out and 'WorkdirMismatchError' in out, out
