@@ -40,5 +40,7 @@ def test_short_toy_run_beats_untrained_model(data_dir, tmp_path):
 def test_misspelled_command_line_key_fails_at_start(data_dir, tmp_path):
   proc = main_process(['--workdir', str(tmp_path), '--config.training.batchsize=8'], data_dir)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode != 0 and 'Did you mean "batch_size" instead of "batchsize"?' in out
+  assert proc.returncode != 0 and out.strip() == (
+      "error: --config.training.batchsize: training has no field 'batchsize' (did you mean "
+      "'batch_size'?).")
 
