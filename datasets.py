@@ -31,13 +31,16 @@ inside their bins and bits/dim remain meaningful.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
+import io
 import numbers
 import operator
 import os
 import struct
+import sys
 import zlib
 from typing import Callable, Iterator, Sequence
 
@@ -222,11 +225,40 @@ class _Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield int(i), {'image': images[i], 'label': int(labels[i])}
 
 
+@contextlib.contextmanager
+def _tfds_warnings_off():
+  from absl import logging
+  before = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(before)
+
+
+def _prepare_quietly(builder):
+  """Generates a local dataset with one line of output instead of TFDS's "Downloading and
+  preparing dataset Unknown size" and its progress bars (shown only if generation fails)."""
+  name = builder.name + (f'/{builder.builder_config.name}' if builder.builder_config else '')
+  print(f'Generating the embedded dataset {name} in {builder.data_dir} (once; later runs read '
+        'it).', file=sys.stderr, flush=True)
+  captured = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+      builder.download_and_prepare()
+  except BaseException:
+    sys.stderr.write(captured.getvalue())
+    raise
+
+
 def _local_source(builder_cls, config, split, data_dir):
   """Builds a local TFDS dataset on first use and returns its array_record data source."""
-  builder = builder_cls(config=config, data_dir=data_dir, file_format='array_record')
+  with _tfds_warnings_off():   # "Variant folder ... has no dataset_info.json": not built yet
+    builder = builder_cls(config=config, data_dir=data_dir, file_format='array_record')
+    prepared = builder.is_prepared()
   try:
-    builder.download_and_prepare()
+    if not prepared:
+      _prepare_quietly(builder)
   except FileExistsError:
     # Several processes on one disk prepared it at once and another one renamed its copy
     # into place first. Generation is seeded, so that copy is the same data: use it.

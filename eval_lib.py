@@ -98,7 +98,8 @@ def sample_rounds(config, comp, params, key, num_samples, summarize=None, item_s
       os.replace(path + '.tmp', path)
     return out
 
-  out = parallel.map_over_processes(one_round, rounds, item_shape)
+  out = parallel.map_over_processes(one_round, rounds, item_shape,
+                                    desc=f'sampling ({builder.describe_sampler(config)})')
   nfe = parallel.map_over_processes(lambda r: np.array([nfes[r]]), rounds)[-1]
   return out, int(nfe[0])
 
@@ -124,9 +125,16 @@ def sample(config, workdir):
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     np.savez(npz, samples=x, nfe=nfe, step=step)
-    plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+    plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered,
+                          title=_title(config, step, nfe, len(x)))
     print(f'{len(x)} samples at step {step} ({nfe} score evaluations per sample): {npz}, {png}')
   return npz, png
+
+
+def _title(config, step, nfe, n):
+  """A sample picture's title: dataset, step, how many, drawn how."""
+  nfe = f', {nfe} NFE' if nfe is not None else ''
+  return f'{config.data.dataset}, step {step}: {n} samples ({builder.describe_sampler(config)}{nfe})'
 
 
 def energy_distance(x, y):
@@ -303,7 +311,8 @@ def eval_context(config, comp, workdir):
       return np.stack([evaluation.bits_per_dim(fit(np.asarray(x)), d, config.data.num_bits or 8,
                                                comp.scaler_slope) for fit in fits.values()], -1)
 
-    results = np.concatenate(_bpd_passes(config, comp, one_batch, len(fits)))
+    results = np.concatenate(_bpd_passes(config, comp, one_batch, len(fits),
+                                         desc='bits/dim of the baselines'))
     context = context._replace(bpd_baselines={
         name: {'bpd': float(results[:, j].mean()),
                'bpd_stderr': float(results[:, j].std() / np.sqrt(len(results)))}
@@ -371,6 +380,12 @@ def evaluate(config, workdir):
   return written
 
 
+# The summary warns when the samples' energy distance to the true distribution is this many
+# times that between two true sample sets: a diverged sampler gives ~10^4-10^5; the default
+# run about 8, the 40-step smoke config (configs/toy/test.py) about 20.
+FAR_FROM_DATA = 100
+
+
 def _report_summary(report):
   """A few lines comparing the model with its baselines."""
   lines = [f'step {report["step"]}:']
@@ -384,6 +399,18 @@ def _report_summary(report):
     lines.append(f'  bpd model {report["bpd"]:.4f} +- {report["bpd_stderr"]:.4f}' + ''.join(
         f'; {name} {b["bpd"]:.4f} +- {b["bpd_stderr"]:.4f}'
         for name, b in (report.get('bpd_baselines') or {}).items()))
+  if 'test_logp_true' in report and 'test_logp_model' in report:
+    lines.append(f'  test log-likelihood (nats per point): model {report["test_logp_model"]:.4f}, '
+                 f'true density {report["test_logp_true"]:.4f}')
+  if 'energy_distance_model' in report:
+    model, floor = report['energy_distance_model'], report['energy_distance_true_vs_true']
+    lines.append(f'  energy distance to true samples: model {model:.4g}, two true sets {floor:.4g} '
+                 f'(n={report.get("num_samples")}, {report.get("nfe_sampling")} score evaluations '
+                 'per sample)')
+    if model > FAR_FROM_DATA * floor:
+      lines.append(f'  warning: the samples are far from the data (over {FAR_FROM_DATA} times the '
+                   'distance between two true sets): the model is undertrained, or the sampler '
+                   'diverged')
   return '\n'.join(lines)
 
 
@@ -400,7 +427,7 @@ def _eval_batch(comp, max_examples, i):
   return builder.batch_x(comp.eval_data.batch(i))[: n - i * comp.eval_data.batch_size]
 
 
-def _bpd_passes(config, comp, fn, width):
+def _bpd_passes(config, comp, fn, width, desc='bits/dim'):
   """fn(key, x) -> [b, width] over eval.bpd_num_repeats passes of the test batches.
 
   Pass r, batch i uses key = fold_in(fold_in(stream 'eval_bpd', r), i), and x is
@@ -417,7 +444,8 @@ def _bpd_passes(config, comp, fn, width):
     k = jax.random.fold_in(jax.random.fold_in(key, r), i)
     return fn(k, bpd_input(config, k, _eval_batch(comp, ec.bpd_max_examples, i)))
 
-  return parallel.map_over_processes(one_batch, max(ec.bpd_num_repeats, 1) * num_batches, (width,))
+  return parallel.map_over_processes(one_batch, max(ec.bpd_num_repeats, 1) * num_batches, (width,),
+                                     desc=desc)
 
 
 def bpd_protocol(config, comp) -> dict:
@@ -520,7 +548,7 @@ def loss_report(config, comp, params) -> dict:
   values = parallel.map_over_processes(
       lambda i: np.array([loss_fn(params, jax.random.fold_in(key, i),
                                   {'x': _eval_batch(comp, max_examples, i)})]),
-      num_batches)
+      num_batches, desc='eval loss')
   return {'eval_loss': float(np.mean(np.concatenate(values)))}
 
 
@@ -557,12 +585,14 @@ def sample_report(config, comp, params, step, workdir, context) -> dict:
   key = builder.stream_key(config.seed, 'eval_samples')
   round_dir = rounds_dir(config, workdir, step)
   if sample_metric_names(config):
-    return _feature_sample_report(config, comp, params, key, png, round_dir, workdir, context)
+    return _feature_sample_report(config, comp, params, step, key, png, round_dir, workdir,
+                                  context)
   out, nfe = sample_rounds(config, comp, params, key, config.sampling.num_samples,
                            round_dir=round_dir)
   x = np.concatenate(out)
   if jax.process_index() == 0:
-    plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+    plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered,
+                          title=_title(config, step, nfe, len(x)))
   report = dict(num_samples=len(x), nfe_sampling=nfe, sampler=builder.describe_sampler(config),
                 samples_png=os.path.abspath(png))
   if x.ndim == 2:
@@ -570,14 +600,15 @@ def sample_report(config, comp, params, step, workdir, context) -> dict:
   return report
 
 
-def _feature_sample_report(config, comp, params, key, png, round_dir, workdir, context):
+def _feature_sample_report(config, comp, params, step, key, png, round_dir, workdir, context):
   """FID/KID/IS of the samples, from features kept round by round, with the protocol."""
   ec, ev = config.eval, context.evaluator
   inverse = datasets.inverse_scaler(config.data.centered)
 
   def summarize(x, r):
     if r == 0:
-      plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered)
+      plotting.save_samples(png, x, config.data.dataset, centered=config.data.centered,
+                            title=_title(config, step, None, min(len(x), 256)))
     features, logits = ev(evaluation.quantize_samples(inverse(x)))
     return np.concatenate([features, logits], axis=-1)
 

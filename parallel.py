@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+import progress
+
 
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh over all devices (of all processes); the batch is split along 'data'."""
@@ -27,16 +29,21 @@ def host_local(tree):
   return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
 
 
-def map_over_processes(fn, n, item_shape=()):
+def map_over_processes(fn, n, item_shape=(), desc=None):
   """``[fn(0), ..., fn(n - 1)]``, process p computing the items i with i mod count = p.
 
   ``fn(i)`` returns an array of shape ``[length_i, *item_shape]`` (the length may vary
   with i). Every process gets all n results, in index order, as float32. With one
-  process this is a plain loop.
+  process this is a plain loop. ``desc``: show a progress bar of process 0's items.
   """
   count, me = jax.process_count(), jax.process_index()
   item_shape = tuple(item_shape)
-  mine = [np.asarray(fn(i), np.float32).reshape((-1,) + item_shape) for i in range(me, n, count)]
+  mine = []
+  items = range(me, n, count)
+  with progress.bar(len(items), desc, primary=desc is not None and me == 0) as bar:
+    for i in items:
+      mine.append(np.asarray(fn(i), np.float32).reshape((-1,) + item_shape))
+      bar.update()
   if count == 1:
     return mine
   from jax.experimental import multihost_utils

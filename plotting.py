@@ -14,17 +14,25 @@ def _pyplot():
   return plt
 
 
+# Grid lines between images: a blue no grey-level image has, so they never merge with white
+# or black pixels.
+SEPARATOR_RGB = (0.2, 0.4, 0.8)
+
+
 def image_grid(x, centered=False, cols=None):
-  """[N, H, W, C] in [0, 1] (or [-1, 1]) to one uint8 [rows H, cols W, C] grid (cols: default
-  about sqrt(N))."""
+  """[N, H, W, C] in [0, 1] (or [-1, 1]) to one uint8 RGB grid [rows (H + 1) + 1, cols (W + 1)
+  + 1, 3], images separated by SEPARATOR_RGB lines (cols: default about sqrt(N))."""
   x = np.asarray(x, np.float32)
   if centered:
     x = (x + 1) / 2
   x = np.clip(x, 0, 1)
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
   n, h, w, c = x.shape
   cols = cols or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
-  grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
+  grid = np.empty((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
+  grid[...] = SEPARATOR_RGB
   for i in range(n):
     r, k = divmod(i, cols)
     grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = x[i]
@@ -32,7 +40,8 @@ def image_grid(x, centered=False, cols=None):
 
 
 def save_samples(path, x, dataset, centered=False, log_prob=None, title=None, cols=None):
-  """Writes a PNG: a scatter plot (over contours of ``log_prob`` if given) or an image grid."""
+  """Writes a PNG: a scatter plot (over contours of ``log_prob`` if given) or an image grid,
+  titled (default: the dataset and the number of samples)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   x = np.asarray(x)
   plt = _pyplot()
@@ -60,9 +69,15 @@ def save_samples(path, x, dataset, centered=False, log_prob=None, title=None, co
     plt.close(fig)
     return path
   grid = image_grid(x[:256], centered, cols)
-  scale = max(1, 256 // grid.shape[0])
+  scale = max(1, 600 // max(grid.shape[:2]))   # small images (8x8 digits) drawn large
   grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8))
-  if grid.shape[-1] == 1:
-    grid = grid[..., 0]
-  plt.imsave(path, grid, cmap='gray' if grid.ndim == 2 else None)
+  height, width = grid.shape[:2]
+  fig = plt.figure(figsize=(width / 100, height / 100 + 0.35), dpi=100)
+  ax = fig.add_axes((0, 0, 1, height / (height + 35)))
+  ax.imshow(grid, interpolation='nearest')
+  ax.axis('off')
+  fig.suptitle(title or f'{dataset}: {min(len(x), 256)} samples', fontsize=10,
+               y=1 - 10 / (height + 35), va='top')
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
   return path

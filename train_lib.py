@@ -28,6 +28,7 @@ import errors
 import parallel
 import pipeline
 import plotting
+import progress
 
 
 @flax.struct.dataclass
@@ -216,31 +217,6 @@ class Checkpoints:
     self.preemption.close()
 
 
-class _Progress:
-  """A one-line progress bar with it/s and ETA (a log line each update when not a terminal)."""
-
-  def __init__(self, total, start):
-    self.total, self.start_step, self.t0 = total, start, time.time()
-    self.tty = sys.stderr.isatty()
-
-  def update(self, step, loss):
-    elapsed = time.time() - self.t0
-    rate = (step - self.start_step) / max(elapsed, 1e-9)
-    eta = (self.total - step) / max(rate, 1e-9)
-    frac = step / self.total
-    bar = '#' * int(30 * frac) + '.' * (30 - int(30 * frac))
-    line = (f'[{bar}] {step}/{self.total} {rate:7.1f} it/s ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}'
-            f' loss {loss:.4f}')
-    if self.tty:
-      print('\r' + line, end='', file=sys.stderr, flush=True)
-    else:
-      print(line, file=sys.stderr, flush=True)
-
-  def close(self):
-    if self.tty:
-      print(file=sys.stderr)
-
-
 class _Metrics:
   """metrics.jsonl (lines past a resumed step are dropped) and TensorBoard scalars."""
 
@@ -393,7 +369,8 @@ def train(config, workdir):
     print(f'Resuming from step {start} ({ckpts.root})', file=sys.stderr)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   metrics = _Metrics(workdir, start)
-  progress = _Progress(config.training.n_iters, start)
+  bar = progress.bar(config.training.n_iters, 'train', initial=start, unit='step',
+                     primary=jax.process_index() == 0)
   tc = config.training
   calls = call_schedule(start, tc.n_iters, tc.steps_per_call)
   # Data served from memory are made here, between dispatches: workers would each hold a copy.
@@ -409,7 +386,8 @@ def train(config, workdir):
     loss = float(np.mean(losses))
     metrics.write(at, loss=loss, learning_rate=float(comp.learning_rate(at)),
                   seconds=time.time() - t0)
-    progress.update(at, loss)
+    bar.set_postfix(loss=f'{loss:.4f}', refresh=False)
+    bar.update(at - bar.n)
 
   try:
     with _StopSignals() as stop:
@@ -449,7 +427,7 @@ def train(config, workdir):
         log(log_due, pending.read(last_good, checkpoint_dir, through=log_due))
   finally:
     batches_of_calls.close()
-    progress.close()
+    bar.close()
     ckpts.wait()
     ckpts.close()
     metrics.close()
@@ -466,8 +444,15 @@ def params_fingerprint(params) -> float:
 
 def _snapshot_samples(config, comp, params, workdir, step):
   """One batch of samples as a picture, on this process alone (``params`` host-local)."""
+  progress.write(f'Step {step}: drawing snapshot samples ({builder.describe_sampler(config)}).')
   x, _ = comp.sampler(builder.stream_key(config.seed, 'snapshot_samples'),
                       comp.score_fn(params))
   path = os.path.join(workdir, 'samples', f'step_{step}.png')
-  plotting.save_samples(path, np.asarray(x), config.data.dataset, centered=config.data.centered)
+  title = f'{config.data.dataset}, step {step}: {len(x)} samples'
+  if step < config.optim.warmup:
+    title += f' (inside the {config.optim.warmup}-step warm-up: still noise)'
+    progress.write(f'Snapshot samples at step {step}: {path}. Training is still inside its '
+                   f'learning-rate warm-up ({config.optim.warmup} steps): expect noise.')
+  plotting.save_samples(path, np.asarray(x), config.data.dataset, centered=config.data.centered,
+                        title=title)
 

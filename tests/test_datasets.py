@@ -105,6 +105,19 @@ def test_local_dataset_prepared_first_by_another_process_is_reused(tmp_path, mon
   assert ds.batch(0)['x'].shape == (16, 2)
 
 
+def test_embedded_dataset_is_generated_with_one_line_of_output(tmp_path, capfd):
+  """No "Downloading and preparing dataset Unknown size", progress bars or escape codes: one
+  line says what is generated where, once."""
+  capfd.readouterr()
+  for _ in range(2):
+    datasets.get_dataset('rings', split='train', batch_size=8, data_dir=str(tmp_path),
+                         shard_index=0, shard_count=1, shuffle=False)
+  out, err = capfd.readouterr()
+  assert out == '' and err == (
+      f'Generating the embedded dataset score_sde_toy_2d/rings in {tmp_path}/score_sde_toy_2d/'
+      'rings/1.0.0 (once; later runs read it).\n'), out + err
+
+
 def test_mixture_log_prob_is_the_gaussian_mixture(mixture):
   log_prob = datasets.toy_log_prob('gaussian_mixture')
   x = np.random.default_rng(0).normal(size=(64, 2)) * 2

@@ -125,24 +125,33 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
   workdir = str(tmp_path / 'multi')
   args = ['--mode', 'all', '--workdir', workdir, '--multihost',
           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-          '--config.training.n_iters=30', '--config.training.snapshot_sampling=False',
+          '--config.training.snapshot_sampling=False',
           '--config.eval.batch_size=30', '--config.eval.bpd_max_examples=100',
-          '--config.eval.begin_ckpt=30']
+          '--config.eval.begin_ckpt=40']
   env = {'JAX_PLATFORMS': 'cpu'}
   procs = [main_process(args + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):   # training ends by checking the processes' parameters agree
     assert p.returncode == 0, out
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'snapshots', '30'))
+  # What a user reads (process 0; the others print nothing): progress of every long phase as
+  # plain lines (a pipe is not a terminal), the summary with the README's numbers, no warning
+  # (the smoke config's samples stay near the data), nothing for a terminal alone.
+  lead, other = outs
+  for phase in ('train: 100%', 'eval loss: 100%', 'bits/dim: 100%', 'sampling (pc: '):
+    assert phase in lead and phase not in other, phase
+  for line in ('  test log-likelihood (nats per point): model ',
+               '  energy distance to true samples: model ', 'Picture: '):
+    assert line in lead, line
+  assert 'warning' not in lead.lower() and '\r' not in lead and '\x1b' not in lead, lead
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'snapshots', '40'))
 
   # The numbers must be those of one process doing everything. The energy distance of the
   # samples changes with any sample.
-  report = json.load(open(os.path.join(workdir, 'eval', 'report_30.json')))
-  config = toy_config(data_dir, **{'training.n_iters': 30, 'eval.batch_size': 30,
-                                'eval.bpd_max_examples': 100})
+  report = json.load(open(os.path.join(workdir, 'eval', 'report_40.json')))
+  config = toy_config(data_dir, **{'eval.batch_size': 30, 'eval.bpd_max_examples': 100})
   comp = builder.build(config)
-  state, _ = eval_lib.restore_for_eval(config, comp, workdir, 30)
-  single = eval_lib.evaluate_checkpoint(config, comp, state, 30, str(tmp_path / 'single'))
+  state, _ = eval_lib.restore_for_eval(config, comp, workdir, 40)
+  single = eval_lib.evaluate_checkpoint(config, comp, state, 40, str(tmp_path / 'single'))
   for key in ('eval_loss', 'bpd', 'bpd_stderr', 'test_logp_model', 'energy_distance_model',
               'nfe_likelihood', 'nfe_sampling', 'num_samples'):
     np.testing.assert_allclose(report[key], single[key], rtol=1e-5, err_msg=key)
@@ -360,3 +369,19 @@ def test_training_resumes_past_a_damaged_checkpoint_and_eval_skips_it(trained_40
   DAMAGES['an emptied _METADATA'](os.path.join(root, 'preemption', '30'))
   with pytest.raises(train_lib.DamagedCheckpointError, match=f'No checkpoint in {root} restores'):
     train_lib.train(config, copy)
+
+
+def test_snapshot_samples_inside_the_warm_up_say_so(data_dir, tmp_path, capsys):
+  """Early pictures are noise: a line (and the picture's title) says training is still inside
+  its learning-rate warm-up; after it, only the usual line."""
+  config = toy_config(data_dir, **{'optim.warmup': 100})
+  comp = builder.build(config)
+  params = train_lib.init_state(config, comp).ema_params
+  train_lib._snapshot_samples(config, comp, params, str(tmp_path), 20)
+  err = capsys.readouterr().err
+  assert 'Step 20: drawing snapshot samples (pc: ' in err
+  assert (f"Snapshot samples at step 20: {tmp_path}/samples/step_20.png. Training is still "
+          'inside its learning-rate warm-up (100 steps): expect noise.') in err
+  train_lib._snapshot_samples(config, comp, params, str(tmp_path), 100)
+  assert 'warm-up' not in capsys.readouterr().err
+  assert os.path.getsize(tmp_path / 'samples' / 'step_20.png') > 0
