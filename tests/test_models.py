@@ -88,9 +88,10 @@ def test_shape_finite_and_depends_on_t(name):
     # The output conv starts at zero (init_scale 0), so the untrained output is exactly 0.
     np.testing.assert_array_equal(np.asarray(out), 0.0)
     params = _perturb_zeros(params)
-  # The same image at two times (same batch size, so no recompilation).
+  # The same image at two times (same batch size and types, so no recompilation: a weakly
+  # typed t, as jnp.where of Python floats gives, would compile the network again).
   x_same = jnp.broadcast_to(x[:1], x.shape)
-  t_pair = jnp.where(jnp.arange(shape[0]) == 0, 0.1, 0.9)
+  t_pair = jnp.where(jnp.arange(shape[0]) == 0, 0.1, 0.9).astype(jnp.float32)
   out = apply({'params': params}, x_same, t_pair)
   assert np.all(np.isfinite(np.asarray(out))) and float(jnp.std(out)) > 1e-3
   diff = float(jnp.max(jnp.abs(out[0] - out[1])))
@@ -110,21 +111,27 @@ def test_attention_blocks_only_at_requested_resolutions():
 
 
 def test_scalar_t_broadcasts():
+  # The vector call has the shapes and types of test_shape_finite_and_depends_on_t's
+  # (batch 4, float32 t): the same program, which the run's compilation cache then holds.
+  model, shape = CASES['digits_8x8x1']
   params = _perturb_zeros(_params('digits_8x8x1'))
-  x, _ = _inputs((3, 8, 8, 1))
-  apply = jax.jit(ncsnpp.DigitsUNet().apply)
+  x, _ = _inputs(shape)
+  apply = jax.jit(model.apply)
   out_scalar = apply({'params': params}, x, jnp.float32(0.3))
-  out_vector = apply({'params': params}, x, jnp.full((3,), 0.3))
+  out_vector = apply({'params': params}, x, jnp.full((shape[0],), 0.3, jnp.float32))
   np.testing.assert_allclose(np.asarray(out_scalar), np.asarray(out_vector), rtol=1e-6, atol=1e-6)
 
 
 def test_examples_are_independent():
   """No op mixes the batch (so it may be sharded): example 0 alone gives the same output."""
   model, shape = CASES['digits_16x16x3_attn8']
-  params = _perturb_zeros(_params('digits_16x16x3_attn8'))
+  variables = {'params': _perturb_zeros(_params('digits_16x16x3_attn8'))}
   x, t = _inputs(shape)
-  apply = jax.jit(lambda x, t: model.apply({'params': params}, x, t))
-  np.testing.assert_allclose(np.asarray(apply(x, t)[:1]), np.asarray(apply(x[:1], t[:1])), atol=1e-5)
+  # Parameters as arguments, not constants: the full batch is then the program of
+  # test_shape_finite_and_depends_on_t, which the run's compilation cache holds.
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(np.asarray(apply(variables, x, t)[:1]),
+                             np.asarray(apply(variables, x[:1], t[:1])), atol=1e-5)
 
 
 def test_dropout_only_in_training():
