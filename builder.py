@@ -22,6 +22,7 @@ import losses
 import ode_solvers
 import sampling
 import sde_lib
+from configs import rules
 from models import score as score_lib
 from models.mlp import ScoreMLP
 
@@ -72,11 +73,16 @@ def _check(cond, message):
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None):
-  """Fails with a message that names the field for values the run cannot use."""
+  """Fails with a message that names the field for values the run cannot use.
+
+  Every field's own rule (configs/rules.py), then the names the registries know and the
+  rules that tie fields together.
+  """
   num_devices = num_devices or jax.device_count()
+  problems = rules.violations(config)
+  _check(not problems, '\n  '.join(problems))
   _check(config.sde.name.lower() in sde_lib.SDES,
          f'sde.name={config.sde.name!r}; valid: {sorted(sde_lib.SDES)}')
-  _check(config.sde.num_scales >= 2, f'sde.num_scales must be >= 2, got {config.sde.num_scales}')
   _check(config.model.name in MODELS, f'model.name={config.model.name!r}; valid: {sorted(MODELS)}')
   _check(config.model.convention in CONVENTIONS,
          f'model.convention={config.model.convention!r}; valid: {list(CONVENTIONS)}')
@@ -91,9 +97,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(not config.model.scale_by_sigma,
            "model.scale_by_sigma needs model.convention='reference' (under 'ours' the network "
            'predicts the noise)')
-  _check(0 <= config.model.ema_rate < 1, f'model.ema_rate must lie in [0, 1), got {config.model.ema_rate}')
-  _check(config.model.get('dtype', 'float32') in ('float32', 'bfloat16'),
-         f"model.dtype={config.model.get('dtype')!r}; valid: ['float32', 'bfloat16']")
   _check(config.training.loss in losses.LOSSES,
          f'training.loss={config.training.loss!r}; valid: {sorted(losses.LOSSES)}')
   _check(config.training.reduce in losses.REDUCTIONS,
@@ -102,10 +105,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(config.sde.name == 'vesde', 'training.loss=smld needs sde.name=vesde')
   if config.training.loss == 'ddpm':
     _check(config.sde.name == 'vpsde', 'training.loss=ddpm needs sde.name=vpsde')
-  for field in ('batch_size', 'n_iters', 'steps_per_call', 'log_freq', 'snapshot_freq',
-                'preemption_freq', 'snapshot_keep'):
-    value = config.training[field]
-    _check(value > 0, f'training.{field} must be positive, got {value}')
   _check(config.training.batch_size % num_devices == 0,
          f'training.batch_size={config.training.batch_size} is not divisible by the '
          f'{num_devices} devices')
@@ -113,47 +112,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(config.training[field] % config.training.steps_per_call == 0,
            f'training.{field}={config.training[field]} must be a multiple of '
            f'training.steps_per_call={config.training.steps_per_call}')
-  for field, low in (('num_workers', 0), ('prefetch', 1)):
-    value = config.data[field]
-    _check(isinstance(value, int) and value >= low,
-           f'data.{field} must be an integer >= {low}, got {value!r}')
-  _check(config.data.memory_budget_mb >= 0,
-         f'data.memory_budget_mb must be >= 0, got {config.data.memory_budget_mb}')
-  _check(config.optim.lr > 0, f'optim.lr must be positive, got {config.optim.lr}')
-  _check(config.optim.warmup >= 0, f'optim.warmup must be >= 0, got {config.optim.warmup}')
-  _check(config.optim.grad_clip >= 0, f'optim.grad_clip must be >= 0, got {config.optim.grad_clip}')
   _check(config.sampling.method in sampling.SAMPLERS,
          f'sampling.method={config.sampling.method!r}; valid: {list(sampling.SAMPLERS)}')
-  _check(isinstance(config.sampling.steps, int) and config.sampling.steps > 0,
-         f'sampling.steps must be a positive integer, got {config.sampling.steps!r}')
   _check(config.sampling.grid in ('',) + tuple(fast_samplers.GRIDS),
          f"sampling.grid={config.sampling.grid!r}; valid: {[''] + sorted(fast_samplers.GRIDS)}")
-  _check(config.sampling.eta >= 0, f'sampling.eta must be >= 0, got {config.sampling.eta}')
-  _check(config.sampling.churn >= 0, f'sampling.churn must be >= 0, got {config.sampling.churn}')
-  _check(config.sampling.order in (1, 2, 3),
-         f'sampling.order={config.sampling.order!r}; valid: [1, 2, 3]')
   _check(config.sampling.predictor in sampling.PREDICTORS,
          f'sampling.predictor={config.sampling.predictor!r}; valid: {list(sampling.PREDICTORS)}')
   _check(config.sampling.corrector in sampling.CORRECTORS,
          f'sampling.corrector={config.sampling.corrector!r}; valid: {list(sampling.CORRECTORS)}')
   _check(config.sampling.ode_solver in ode_solvers.SOLVERS,
          f'sampling.ode_solver={config.sampling.ode_solver!r}; valid: {sorted(ode_solvers.SOLVERS)}')
-  for section, field in (('sampling', 'num_samples'), ('sampling', 'batch_size'),
-                         ('eval', 'batch_size')):
-    value = config[section][field]
-    _check(value > 0, f'{section}.{field} must be positive, got {value}')
   if is_image_data(config):
     _check(config.data.num_bits > 0,
            f'data.num_bits={config.data.num_bits} but {config.data.dataset} holds quantized '
            'images: set the bits per value (8), which bits/dim dequantization needs')
   _check(config.eval.hutchinson_type in likelihood.HUTCHINSON_TYPES,
          f'eval.hutchinson_type={config.eval.hutchinson_type!r}; valid: {list(likelihood.HUTCHINSON_TYPES)}')
-  _check(config.eval.bpd_num_repeats >= 1,
-         f'eval.bpd_num_repeats must be >= 1 (passes over the test split), got '
-         f'{config.eval.bpd_num_repeats}')
-  _check(config.eval.bpd_max_examples >= 0,
-         f'eval.bpd_max_examples must be >= 0 (0: the whole test split), got '
-         f'{config.eval.bpd_max_examples}')
   if config.sampling.method == 'pc' and config.sampling.corrector != 'none':
     _check(config.sampling.snr > 0,
            f'sampling.snr must be positive with corrector={config.sampling.corrector!r} (the '
@@ -167,12 +141,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(0 <= sde.beta_min < sde.beta_max,
            f'{sde.name} needs 0 <= sde.beta_min < sde.beta_max, got beta_min={sde.beta_min}, '
            f'beta_max={sde.beta_max}')
-  if config.model.name == 'mlp':
-    hidden = config.model.hidden
-    _check(isinstance(hidden, (tuple, list)) and len(hidden) > 0
-           and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden),
-           f'model.hidden must be a non-empty tuple of positive layer widths, e.g. (128, 128), '
-           f'got {hidden!r}')
 
 
 def _make_mlp(config):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import builder
+from configs import rules
 from run_helpers import toy_config
 
 
@@ -14,16 +15,16 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
   with pytest.raises(AttributeError, match='batchsize'):
     config.training.batchsize = 8      # misspelled key: the config is locked
   cases = [('sde.name', 'vp', r"sde.name='vp'; valid: \['subvpsde', 'vesde', 'vpsde'\]"),
-           ('optim.lr', -1e-3, 'optim.lr must be positive, got -0.001'),
+           ('optim.lr', -1e-3, r'optim.lr must be a number > 0, got -0.001'),
            ('sampling.predictor', 'heun', r"sampling.predictor='heun'; valid"),
            ('sampling.corrector', 'hmc', r"sampling.corrector='hmc'; valid"),
            ('training.loss', 'l1', r"training.loss='l1'"),
-           ('training.batch_size', 0, 'training.batch_size must be positive'),
+           ('training.batch_size', 0, 'training.batch_size must be an integer >= 1, got 0'),
            ('sampling.method', 'dpm', r"sampling.method='dpm'; valid: \['pc', 'ode', 'ddim'"),
-           ('sampling.steps', 0, 'sampling.steps must be a positive integer, got 0'),
+           ('sampling.steps', 0, 'sampling.steps must be an integer >= 1, got 0'),
            ('sampling.grid', 'cosine', r"sampling.grid='cosine'; valid: \['', 'karras'"),
-           ('sampling.eta', -1.0, 'sampling.eta must be >= 0'),
-           ('sampling.order', 4, r'sampling.order=4; valid: \[1, 2, 3\]')]
+           ('sampling.eta', -1.0, 'sampling.eta must be a number >= 0'),
+           ('sampling.order', 4, 'sampling.order must be 1, 2 or 3, got 4')]
   for key, value, message in cases:
     config = toy_config(data_dir, **{key: value})
     with pytest.raises(ValueError, match=message):
@@ -36,14 +37,14 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
           ({'sde.name': 'vesde', 'sde.sigma_min': 60.0, 'sde.sigma_max': 50.0},
            'got sigma_min=60.0, sigma_max=50.0'),
           ({'sde.beta_max': 0.05}, r'vpsde needs 0 <= sde.beta_min < sde.beta_max, got beta_min=0.1'),
-          ({'eval.bpd_max_examples': -1}, r'eval.bpd_max_examples must be >= 0 \(0: the whole'),
-          ({'eval.bpd_num_repeats': 0}, 'eval.bpd_num_repeats must be >= 1'),
+          ({'eval.bpd_max_examples': -1}, r'eval.bpd_max_examples must be an integer >= 0 \(0: the whole'),
+          ({'eval.bpd_num_repeats': 0}, 'eval.bpd_num_repeats must be an integer >= 1'),
           ({'model.hidden': ('a', 'b', 'c')},   # what --config.model.hidden=abc gives
-           r"model.hidden must be a non-empty tuple .* got \('a', 'b', 'c'\)"),
+           r"model.hidden must be a non-empty tuple of layer widths .* got \('a', 'b', 'c'\)"),
           ({'model.hidden': (64, 0)}, 'model.hidden must be'),
           ({'data.num_workers': -1}, 'data.num_workers must be an integer >= 0, got -1'),
           ({'data.prefetch': 0}, 'data.prefetch must be an integer >= 1, got 0'),
-          ({'data.memory_budget_mb': -5.0}, 'data.memory_budget_mb must be >= 0')]
+          ({'data.memory_budget_mb': -5.0}, 'data.memory_budget_mb must be a number >= 0')]
   for overrides, message in more:
     config = toy_config(data_dir, **overrides)
     with pytest.raises(ValueError, match=message):
@@ -54,6 +55,34 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
   config = toy_config(data_dir, **{'training.batch_size': 64})
   with pytest.raises(ValueError, match='batch_size=64 is not divisible by the 3 devices'):
     builder.validate_config(config, num_devices=3)
+
+
+@pytest.mark.parametrize('field', sorted(rules.RULES))
+def test_each_field_rule_refuses_its_counterexample_at_start_up(data_dir, field):
+  meaning, check, bad = rules.RULES[field]
+  config = toy_config(data_dir)
+  section, _, name = field.rpartition('.')
+  node = config[section] if section else config
+  assert check(node[name]), f'the default {field}={node[name]!r} breaks its own rule'
+  node[name] = bad
+  with pytest.raises(ValueError) as e:
+    builder.validate_config(config, num_devices=1)
+  assert f'{field} must be {meaning}, got {bad!r}' in str(e.value)
+
+
+def test_every_shipped_config_meets_the_rules():
+  import importlib
+  import pathlib
+  root = pathlib.Path(builder.__file__).parent
+  names = [str(p.relative_to(root).with_suffix('')).replace('/', '.')
+           for p in (root / 'configs').rglob('*.py')]
+  checked = 0
+  for name in sorted(names):
+    module = importlib.import_module(name)
+    if hasattr(module, 'get_config'):
+      assert rules.violations(module.get_config()) == [], name
+      checked += 1
+  assert checked > 40
 
 
 def test_image_config_without_num_bits_fails_clearly():
