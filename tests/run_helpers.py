@@ -71,7 +71,7 @@ def image_config_files():
   """Every config file of an image dataset (the toy ones hold continuous 2-D points)."""
   out = []
   for p in sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.py'), recursive=True)):
-    if p.endswith(('base.py', 'architectures.py', '__init__.py')):
+    if p.endswith(('base.py', 'architectures.py', 'rules.py', '__init__.py')):
       continue
     name = os.path.relpath(p, ROOT)[:-3].replace(os.sep, '.')
     if importlib.import_module(name).get_config().data.dataset not in datasets.TOY_DISTRIBUTIONS:

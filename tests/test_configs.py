@@ -21,7 +21,7 @@ import losses
 import reference_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_NOT_CONFIGS = ('base.py', 'architectures.py', '__init__.py')
+_NOT_CONFIGS = ('base.py', 'architectures.py', 'rules.py', '__init__.py')
 CONFIG_FILES = sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'configs', '**', '*.py'),
                                                 recursive=True)
