@@ -74,3 +74,8 @@ def test_run_errors_print_the_message_and_verbose_the_traceback(data_dir, tmp_pa
   assert lines[-1] == errors.VERBOSE_HINT
   code, out = _main(args + ['--config.sde.name=vesde', '--verbose'], ROOT)
   assert code == 1 and 'Traceback' in out and 'WorkdirMismatchError' in out, out
+  # A workdir with nothing to evaluate.
+  empty = tmp_path / 'empty'
+  code, out = _main(args[:-4] + ['--workdir', str(empty), '--mode', 'eval'], ROOT)
+  assert code == 1 and 'Traceback' not in out, out
+  assert f'error: No snapshot to evaluate in {empty}/checkpoints/snapshots (train first: ' in out
