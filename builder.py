@@ -81,6 +81,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   num_devices = num_devices or jax.device_count()
   problems = rules.violations(config)
   _check(not problems, '\n  '.join(problems))
+  _check(datasets.is_known_dataset(config.data.dataset),
+         f'data.dataset={config.data.dataset!r}; valid: {", ".join(datasets.valid_names())}')
   _check(config.sde.name.lower() in sde_lib.SDES,
          f'sde.name={config.sde.name!r}; valid: {sorted(sde_lib.SDES)}')
   _check(config.model.name in MODELS, f'model.name={config.model.name!r}; valid: {sorted(MODELS)}')
@@ -128,7 +130,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
            'images: set the bits per value (8), which bits/dim dequantization needs')
   _check(config.eval.hutchinson_type in likelihood.HUTCHINSON_TYPES,
          f'eval.hutchinson_type={config.eval.hutchinson_type!r}; valid: {list(likelihood.HUTCHINSON_TYPES)}')
-  if config.sampling.method == 'pc' and config.sampling.corrector != 'none':
+  if config.sampling.corrector != 'none':   # pc, and the posterior samplers of --mode inverse
     _check(config.sampling.snr > 0,
            f'sampling.snr must be positive with corrector={config.sampling.corrector!r} (the '
            f"Langevin step's signal-to-noise ratio), got {config.sampling.snr}")

@@ -661,6 +661,16 @@ def import_checkpoint(path: str, config) -> dict:
   return import_flax_checkpoint(path, config)
 
 
+def _refuse_existing_step(workdir: str, step: int) -> str:
+  """The snapshot directory an import of ``step`` writes; refused if it exists."""
+  where = os.path.join(os.path.abspath(workdir), 'checkpoints', 'snapshots', str(step))
+  if os.path.exists(where):
+    raise FileExistsError(f'{where} exists: {workdir} already holds a snapshot at step {step}. '
+                          'Import into another --workdir (or remove that directory to replace '
+                          'it).')
+  return where
+
+
 def write_workdir(config, imported: dict, workdir: str) -> str:
   """Saves the imported state as our checkpoint at its step; returns its directory."""
   import builder
@@ -670,11 +680,7 @@ def write_workdir(config, imported: dict, workdir: str) -> str:
   params = {'params': imported['params']}
   state = train_lib.TrainState(jnp.asarray(imported['step'], jnp.int32), params,
                              {'params': imported['ema_params']}, comp.optimizer.init(params))
-  where = os.path.join(os.path.abspath(workdir), 'checkpoints', 'snapshots', str(imported['step']))
-  if os.path.exists(where):
-    raise FileExistsError(f'{where} exists: {workdir} already holds a snapshot at step '
-                          f"{imported['step']}. Import into another --workdir (or remove that "
-                          'directory to replace it).')
+  where = _refuse_existing_step(workdir, imported['step'])
   ckpts = train_lib.Checkpoints(workdir, config.training.snapshot_keep)
   ckpts.save(ckpts.snapshots, imported['step'], state)
   ckpts.wait()
@@ -693,6 +699,7 @@ def import_into_workdir(config, checkpoint: str, workdir: str,
   """
   import workdir as workdir_lib
   imported = import_checkpoint(checkpoint, config)
+  _refuse_existing_step(workdir, imported['step'])   # before the workdir's record can change
   with workdir_lib.claim(config, workdir, 'import', allow_config_change):
     return imported['step'], write_workdir(config, imported, workdir)
 

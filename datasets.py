@@ -150,7 +150,7 @@ def toy_log_prob(name: str) -> Callable | None:
   and for every image dataset. An unknown name raises ValueError.
   """
   if name not in TOY_DISTRIBUTIONS and not name.startswith('lsun/'):
-    _check_name(name, _valid_names(), 'dataset')
+    _check_name(name, valid_names(), 'dataset')
   if name == 'gaussian_mixture':
     mix = gaussian_mixture.two_dimensional_example()
     return lambda x: mix.log_prob(jnp.asarray(x, jnp.float32))
@@ -562,7 +562,13 @@ class Dataset:
 # ----------------------------------------------------------------------------- get_dataset
 
 
-def _valid_names() -> list[str]:
+def is_known_dataset(name: str) -> bool:
+  """Whether get_dataset knows ``name`` (an LSUN category is checked when it is loaded)."""
+  return (name in TOY_DISTRIBUTIONS or name == 'digits' or name.startswith('lsun/')
+          or (name in _TFDS_IMAGES and name != 'lsun') or name in _TFRECORD_IMAGES)
+
+
+def valid_names() -> list[str]:
   return sorted([*TOY_DISTRIBUTIONS, 'digits', *(n for n in _TFDS_IMAGES if n != 'lsun'),
                  'lsun/<category>', *_TFRECORD_IMAGES])
 
@@ -677,7 +683,7 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
       _check_split(name, split, spec.splits, allow_slicing=False)
       source = _TFRecordImages(_tfrecord_paths(tfrecords_path))
     else:
-      raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(_valid_names())}')
+      raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(valid_names())}')
     size = spec.image_size if image_size is None else int(image_size)
     # Partials of module functions: a Dataset pickles, for worker processes.
     decode = functools.partial(_decode_images, crop=spec.crop, size=size, labels=spec.labels)

@@ -77,3 +77,11 @@ def check_processes_agree(value: float, what: str):
   if not np.all(values == values[0]):
     raise RuntimeError(f'processes disagree on {what}: ' + ', '.join(
         f'process {p}: {v:.10e}' for p, v in enumerate(values)))
+
+
+def all_agree(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (each process passes its own)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  from jax.experimental import multihost_utils
+  return bool(np.all(np.asarray(multihost_utils.process_allgather(np.int32(bool(ok))))))

@@ -69,7 +69,7 @@ def save_samples(path, x, dataset, centered=False, log_prob=None, title=None, co
     plt.close(fig)
     return path
   grid = image_grid(x[:256], centered, cols)
-  scale = max(1, 600 // max(grid.shape[:2]))   # small images (8x8 digits) drawn large
+  scale = max(1, -(-500 // max(grid.shape[:2])))   # at least 500 px: 8x8 digits drawn large
   grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8))
   height, width = grid.shape[:2]
   fig = plt.figure(figsize=(width / 100, height / 100 + 0.35), dpi=100)

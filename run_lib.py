@@ -11,6 +11,7 @@ import jax
 
 import builder
 import eval_lib
+import parallel
 import train_lib
 import workdir as workdir_lib
 
@@ -35,7 +36,7 @@ def run(config, workdir, mode, allow_config_change=False):
     raise ValueError(f'Unknown mode {mode!r}; valid modes: {list(MODES)}')
   builder.validate_config(config)   # before the workdir records it
   with workdir_lib.claim(config, workdir, mode, allow_config_change,
-                         writer=jax.process_index() == 0):
+                         writer=jax.process_index() == 0, agree=parallel.all_agree):
     return _dispatch(config, workdir, mode)
 
 

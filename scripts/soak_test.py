@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 CONFIG = os.path.join(ROOT, 'configs', 'toy', 'test.py')
 TRAIN_FLAGS = ['--config.training.n_iters=1500', '--config.training.log_freq=10',
-               '--config.training.preemption_freq=25', '--config.training.snapshot_freq=500',
+               '--config.training.preemption_freq=25', '--config.training.snapshot_freq=150',
                '--config.training.snapshot_sampling=False']
 # Ten sampling rounds of 500 samples, each long enough (5 corrector steps per level) for a
 # kill to land between two rounds.
@@ -68,7 +68,7 @@ def last_logged_step(workdir):
 def checkpoint_being_written(workdir, after_step):
   """The temporary directory orbax writes a checkpoint of a step past ``after_step`` into
   before renaming it, if any (an earlier killed run may have left older ones behind)."""
-  for kind in ('preemption', 'snapshots'):
+  for kind in ('snapshots', 'preemption'):
     d = os.path.join(workdir, 'checkpoints', kind)
     if os.path.isdir(d):
       for name in os.listdir(d):
@@ -105,6 +105,7 @@ def kill_training(workdir, data_dir, target, at_checkpoint, rng):
   if at_checkpoint:
     while proc.poll() is None and writing is None:
       writing = checkpoint_being_written(workdir, before)
+      time.sleep(0.0005)
   else:
     time.sleep(rng.uniform(0, 0.05))
     writing = checkpoint_being_written(workdir, before)
@@ -223,7 +224,11 @@ def main():
                kills_during_checkpoint_writes=during_writes,
                uninterrupted_seconds={'train': train_seconds, 'eval': eval_seconds},
                command=' '.join(sys.argv))
-  if not (params_equal and report_equal):
+  eval_kills = len(kills) - len(train_kills)
+  if len(train_kills) != args.train_kills or eval_kills != args.eval_kills:
+    print(f'only {len(train_kills)} of {args.train_kills} training kills and {eval_kills} of '
+          f'{args.eval_kills} evaluation kills landed before the run ended')
+  if not (params_equal and report_equal) or len(kills) != args.train_kills + args.eval_kills:
     sys.exit(1)
 
 

@@ -39,7 +39,7 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
           ({'sde.beta_max': 0.05}, r'vpsde needs 0 <= sde.beta_min < sde.beta_max, got beta_min=0.1'),
           ({'eval.bpd_max_examples': -1}, r'eval.bpd_max_examples must be an integer >= 0 \(0: the whole'),
           ({'eval.bpd_num_repeats': 0}, 'eval.bpd_num_repeats must be an integer >= 1'),
-          ({'model.hidden': ('a', 'b', 'c')},   # what --config.model.hidden=abc gives
+          ({'model.hidden': ('a', 'b', 'c')},   # a tuple of strings
            r"model.hidden must be a non-empty tuple of layer widths .* got \('a', 'b', 'c'\)"),
           ({'model.hidden': (64, 0)}, 'model.hidden must be'),
           ({'data.num_workers': -1}, 'data.num_workers must be an integer >= 0, got -1'),
@@ -49,6 +49,9 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
     config = toy_config(data_dir, **overrides)
     with pytest.raises(ValueError, match=message):
       builder.validate_config(config, num_devices=1)
+  with pytest.raises(ValueError, match=r"data.dataset='gaussian_mixtur'; valid: .*gaussian_mixture"):
+    builder.validate_config(toy_config(data_dir, **{'data.dataset': 'gaussian_mixtur'}),
+                            num_devices=1)
   # A corrector-free sampler has no use for snr.
   builder.validate_config(toy_config(data_dir, **{'sampling.snr': 0.0, 'sampling.corrector': 'none'}),
                           num_devices=1)

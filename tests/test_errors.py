@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import errors
@@ -33,6 +34,25 @@ def test_user_errors_are_their_message_and_bugs_are_not_user_errors():
   for bug in (TypeError('unsupported operand'), AttributeError('x'), KeyError('k'),
               OSError(errno.EIO, 'I/O error')):
     assert errors.user_message(bug) is None
+  # A ValueError raised inside a library is a bug (it keeps its traceback); ours is not.
+  try:
+    np.reshape(np.arange(3), (2, 2))
+  except ValueError as e:
+    assert errors.user_message(e) is None
+  try:
+    raise ValueError('eval.batch_size must be > 0')
+  except ValueError as e:
+    assert errors.user_message(e) == 'eval.batch_size must be > 0'
+  # A full disk, wrapped by the library that met it (orbax, tensorstore).
+  try:
+    try:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), '/runs/a/ckpt/x')
+    except OSError as inner:
+      raise RuntimeError('tensorstore write failed') from inner
+  except RuntimeError as e:
+    assert errors.user_message(e).startswith('Disk full writing /runs/a/ckpt/x')
+  wrapped = ValueError('Error writing "x": [UNKNOWN] No space left on device [source locations=...]')
+  assert errors.user_message(wrapped).startswith('Disk full (No space left on device)')
 
 
 @pytest.mark.parametrize('args, expected', [
@@ -40,6 +60,9 @@ def test_user_errors_are_their_message_and_bugs_are_not_user_errors():
      'error: --config {tmp}/no_get_config.py: the file defines no get_config(). A config file '
      'defines get_config() returning its ConfigDict (see configs/toy/mixture.py).'),
     (['--config', '{tmp}/missing.py'], 'error: --config {tmp}/missing.py: no such file.'),
+    (['--config', '{tmp}/typo.py'],
+     "error: --config {tmp}/typo.py: the file sets 'hiden', which the config has no field for "
+     "(did you mean 'hidden'?)."),
     (['--config', 'configs/toy/test.py', '--config.sde.nme=1'],
      "error: --config.sde.nme: sde has no field 'nme' (did you mean 'name'?)."),
     (['--config', 'configs/toy/test.py', '--config.training.n_iters=abc'],
@@ -47,6 +70,9 @@ def test_user_errors_are_their_message_and_bugs_are_not_user_errors():
 ])
 def test_config_errors_are_one_line_without_traceback(tmp_path, args, expected):
   (tmp_path / 'no_get_config.py').write_text('CONFIG = None\n')
+  (tmp_path / 'typo.py').write_text('from configs.toy import test\n\n\ndef get_config():\n'
+                                    '  config = test.get_config()\n'
+                                    '  config.model.hiden = (8,)\n  return config\n')
   args = [a.format(tmp=tmp_path) for a in args]
   code, out = _main(args + ['--workdir', str(tmp_path / 'w')], ROOT)
   assert code == 1 and out.strip() == expected.format(tmp=tmp_path), out
@@ -65,10 +91,11 @@ def test_run_errors_print_the_message_and_verbose_the_traceback(data_dir, tmp_pa
       'error: Invalid config: VE noise levels need 0 < sde.sigma_min < sde.sigma_max, got '
       'sigma_min=0.0, sigma_max=50.0', errors.VERBOSE_HINT]
   workdir.check(toy_config(data_dir), str(tmp_path), 'train')   # a VP run's workdir
+  os.makedirs(tmp_path / 'checkpoints' / 'snapshots' / '40')
   code, out = _main(args + ['--config.sde.name=vesde'], ROOT)
   assert code == 1 and 'Traceback' not in out and '\\n' not in out, out
   lines = out.strip().splitlines()
-  assert lines[0] == f'error: --workdir {tmp_path} holds a run of another config ' \
+  assert lines[0] == f'error: --workdir {tmp_path} holds checkpoints of another config ' \
                      f'({tmp_path}/config.json); these fields differ:'
   assert "  sde.name: 'vpsde' in the workdir, 'vesde' in this config" in lines
   assert lines[-1] == errors.VERBOSE_HINT

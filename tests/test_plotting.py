@@ -34,3 +34,6 @@ def test_small_images_are_drawn_large_under_a_title(tmp_path):
   path = plotting.save_samples(str(tmp_path / 'p.png'), np.random.default_rng(2).normal(size=(50, 2)),
                                'gaussian_mixture')
   assert Image.open(path).size == (500, 500)
+  # 256 MNIST-size images: a 465 px grid, drawn at twice that.
+  path = plotting.save_samples(str(tmp_path / 'm.png'), np.zeros((256, 28, 28, 1)), 'mnist')
+  assert Image.open(path).size[0] == 2 * (16 * 29 + 1)
