@@ -40,7 +40,6 @@ import os
 import pickle
 import pickletools
 import re
-import sys
 import zipfile
 from typing import Any, Mapping
 
@@ -709,15 +708,12 @@ def main(argv):
   import errors
   config = FLAGS.config
   import builder
-  try:
+
+  def run():
     builder.validate_config(config, num_devices=1)
-    step, where = import_into_workdir(config, FLAGS.checkpoint, FLAGS.workdir,
-                                      FLAGS.allow_config_change)
-  except Exception as e:  # noqa: BLE001
-    message = errors.user_message(e)
-    if message is None or FLAGS.verbose:
-      raise
-    sys.exit(f'error: {message}\n{errors.VERBOSE_HINT}')
+    return import_into_workdir(config, FLAGS.checkpoint, FLAGS.workdir, FLAGS.allow_config_change)
+
+  step, where = errors.run_reporting(run, FLAGS.verbose)
   print(f'imported step {step} -> {where}')
 
 

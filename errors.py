@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 
 # This module imports nothing heavy: main.py uses it before jax is loaded.
 
@@ -18,8 +19,10 @@ class UserError(Exception):
   mismatched configs, diverged training)."""
 
 
-_USER_ERROR_TYPES = (UserError, ValueError, FileNotFoundError, NotADirectoryError,
-                     IsADirectoryError, PermissionError, FileExistsError)
+# Standard exceptions that are user errors when our code raises them (with a message for the
+# user); raised inside a library, they are bugs.
+_STANDARD_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                         PermissionError, FileExistsError)
 
 VERBOSE_HINT = '(--verbose shows the traceback)'
 
@@ -60,11 +63,22 @@ def user_message(exc: BaseException) -> str | None:
       where = f' writing {filename}' if filename else ''
       return (f'Disk full{where} (No space left on device): free some space, then run the same '
               'command again (training resumes from its last checkpoint).')
-  if isinstance(exc, UserError):
-    return str(exc) or type(exc).__name__
-  if isinstance(exc, _USER_ERROR_TYPES) and _raised_in_project(exc):
+  if isinstance(exc, UserError) or (isinstance(exc, _STANDARD_USER_ERRORS)
+                                    and _raised_in_project(exc)):
     return str(exc) or type(exc).__name__
   return None
+
+
+def run_reporting(fn, verbose: bool):
+  """``fn()``; a user error exits with its message in a line or a few (no traceback unless
+  ``verbose``), anything else propagates. For the command-line entry points."""
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001
+    message = user_message(e)
+    if message is None or verbose:
+      raise
+    sys.exit(f'error: {message}\n{VERBOSE_HINT}')
 
 
 def _config_path(argv) -> str:

@@ -52,13 +52,7 @@ def parse_flags(argv):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
-  try:
-    paths = _run()
-  except Exception as e:  # noqa: BLE001
-    message = errors.user_message(e)
-    if message is None or FLAGS.verbose:
-      raise
-    sys.exit(f'error: {message}\n{errors.VERBOSE_HINT}')
+  paths = errors.run_reporting(_run, FLAGS.verbose)
   for path in paths:
     print(f'Wrote {path}')
   if FLAGS.mode == 'all' and paths:

@@ -63,7 +63,6 @@ def map_over_processes(fn, n, item_shape=(), desc=None):
   return out
 
 
-
 def check_processes_agree(value: float, what: str):
   """Raises when processes hold different values of something that must be replicated.
 

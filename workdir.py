@@ -4,8 +4,9 @@
 fields that define what those checkpoints mean: the model, the SDE and the data. A run whose
 config differs in any of them is refused with the differing fields (unless the user asks for
 the change, for fine-tuning), so that a model never continues on other data, and never samples
-or is evaluated under another SDE than the one it was trained with. ``<workdir>/.lock`` keeps a
-second run from writing into the same workdir at the same time.
+or is evaluated under another SDE than the one it was trained with. ``<workdir>/.lock-<name>``
+files (one per kind of output: train, eval, ...) keep a second run from writing the same
+outputs at the same time.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ NOT_DEFINING = frozenset({
 _CREATING_MODES = ('train', 'all', 'import')
 
 
-class WorkdirMismatchError(ValueError):
+class WorkdirMismatchError(errors.UserError, ValueError):
   """The config differs from the one recorded in the workdir in a defining field."""
 
 
@@ -76,13 +77,19 @@ def defining_fields(config) -> dict:
   return fields
 
 
-def has_checkpoints(workdir: str) -> bool:
-  """Whether training or an import has saved a checkpoint here (a record binds only then)."""
+def _checkpoint_dirs(workdir: str) -> list[str]:
+  """The saved checkpoints' directories (train_lib.Checkpoints: checkpoints/<kind>/<step>)."""
+  out = []
   for kind in ('snapshots', 'preemption'):
     d = os.path.join(workdir, 'checkpoints', kind)
-    if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
-      return True
-  return False
+    if os.path.isdir(d):
+      out += [os.path.join(d, n) for n in os.listdir(d) if n.isdigit()]
+  return out
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether training or an import has saved a checkpoint here (a record binds only then)."""
+  return bool(_checkpoint_dirs(workdir))
 
 
 def read_record(workdir: str) -> dict | None:
@@ -236,7 +243,7 @@ def claim(config, workdir: str, mode: str, allow_config_change: bool = False,
         stack.enter_context(lock(workdir, mode, name))
     if mode != 'stats' and os.path.isdir(workdir):
       replaced = check(config, workdir, mode, allow_config_change, writer)
-  except (errors.UserError, WorkdirMismatchError) as e:
+  except errors.UserError as e:
     error = e
   except BaseException:
     stack.close()
@@ -259,9 +266,4 @@ def claim(config, workdir: str, mode: str, allow_config_change: bool = False,
 def _saved_since_record(workdir: str) -> bool:
   """Whether a checkpoint was written after the current record (the new config's)."""
   since = os.path.getmtime(os.path.join(workdir, RECORD))
-  for kind in ('snapshots', 'preemption'):
-    d = os.path.join(workdir, 'checkpoints', kind)
-    if os.path.isdir(d) and any(n.isdigit() and os.path.getmtime(os.path.join(d, n)) > since
-                                for n in os.listdir(d)):
-      return True
-  return False
+  return any(os.path.getmtime(d) > since for d in _checkpoint_dirs(workdir))
