@@ -132,9 +132,7 @@ def sample(config, workdir):
 
 
 def _title(config, step, nfe, n):
-  """A sample picture's title: dataset, step, how many, drawn how."""
-  nfe = f', {nfe} NFE' if nfe is not None else ''
-  return f'{config.data.dataset}, step {step}: {n} samples ({builder.describe_sampler(config)}{nfe})'
+  return plotting.sample_title(config.data.dataset, step, n, builder.describe_sampler(config), nfe)
 
 
 def energy_distance(x, y):

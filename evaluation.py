@@ -305,15 +305,9 @@ def read_weights_record(path: str) -> tuple[str, str]:
   return actual, source
 
 
-def load_inception_variables(weights_path: str | None = None) -> dict:
-  """Loads converted FID Inception weights, checked against their record (`read_weights_record`).
-
-  Args:
-    weights_path: the .msgpack written by scripts/convert_inception_weights.py; default
-      $SCORE_SDE_INCEPTION_WEIGHTS.
-
-  Returns:
-    InceptionV3 variables {'params', 'batch_stats'}.
+def checked_weights_path(weights_path: str | None = None) -> tuple[str, str, str]:
+  """(path, converted sha256, source sha256) of converted FID Inception weights: the path
+  given or $SCORE_SDE_INCEPTION_WEIGHTS, checked against its record (`read_weights_record`).
 
   Raises:
     FileNotFoundError: no path given, or the file or its .sha256 is missing (the message says
@@ -326,7 +320,23 @@ def load_inception_variables(weights_path: str | None = None) -> dict:
         where=f' (no weights_path and ${INCEPTION_WEIGHTS_ENV} is not set)'))
   if not os.path.isfile(path):
     raise FileNotFoundError(_MISSING_WEIGHTS.format(where=f' at {path!r}'))
-  read_weights_record(path)
+  return (path,) + read_weights_record(path)
+
+
+def load_inception_variables(weights_path: str | None = None) -> dict:
+  """Loads converted FID Inception weights, checked first (`checked_weights_path`).
+
+  Args:
+    weights_path: the .msgpack written by scripts/convert_inception_weights.py; default
+      $SCORE_SDE_INCEPTION_WEIGHTS.
+
+  Returns:
+    InceptionV3 variables {'params', 'batch_stats'}.
+  """
+  return _read_variables(checked_weights_path(weights_path)[0])
+
+
+def _read_variables(path: str) -> dict:
   with open(path, 'rb') as f:
     return flax.serialization.msgpack_restore(f.read())
 
@@ -383,9 +393,8 @@ class InceptionEvaluator:
 
   def __init__(self, weights_path: str | None = None, half_pixel_centers: bool = True,
                image_size: int | None = None):
-    self.variables = load_inception_variables(weights_path)
-    path = weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
-    self.weights_sha256, self.source_sha256 = read_weights_record(path)
+    path, self.weights_sha256, self.source_sha256 = checked_weights_path(weights_path)
+    self.variables = _read_variables(path)   # the file just checked, hashed once
     image_size = image_size or INCEPTION_IMAGE_SIZE
     self.image_size = image_size
     self.half_pixel_centers = half_pixel_centers

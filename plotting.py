@@ -39,6 +39,14 @@ def image_grid(x, centered=False, cols=None):
   return (grid * 255).round().astype(np.uint8)
 
 
+def sample_title(dataset, step, n, sampler=None, nfe=None) -> str:
+  """A sample picture's title: dataset, step, how many, and (if given) drawn how."""
+  how = ''
+  if sampler is not None:
+    how = f' ({sampler}' + (f', {nfe} NFE' if nfe is not None else '') + ')'
+  return f'{dataset}, step {step}: {n} samples{how}'
+
+
 def save_samples(path, x, dataset, centered=False, log_prob=None, title=None, cols=None):
   """Writes a PNG: a scatter plot (over contours of ``log_prob`` if given) or an image grid,
   titled (default: the dataset and the number of samples)."""

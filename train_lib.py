@@ -448,7 +448,7 @@ def _snapshot_samples(config, comp, params, workdir, step):
   x, _ = comp.sampler(builder.stream_key(config.seed, 'snapshot_samples'),
                       comp.score_fn(params))
   path = os.path.join(workdir, 'samples', f'step_{step}.png')
-  title = f'{config.data.dataset}, step {step}: {len(x)} samples'
+  title = plotting.sample_title(config.data.dataset, step, len(x))
   if step < config.optim.warmup:
     title += f' (inside the {config.optim.warmup}-step warm-up: still noise)'
     progress.write(f'Snapshot samples at step {step}: {path}. Training is still inside its '
