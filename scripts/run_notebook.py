@@ -36,6 +36,9 @@ def execute(path: str, overrides: dict | None = None, out_path: str | None = Non
   import nbformat
 
   nb = nbformat.read(path, as_version=4)
+  # A notebook written back by an earlier run keeps its injected cell: replace, not add.
+  nb.cells = [c for c in nb.cells
+              if 'injected-parameters' not in c.get('metadata', {}).get('tags', [])]
   if overrides:
     lines = [f'{name} = {value!r}' for name, value in overrides.items()]
     cell = nbformat.v4.new_code_cell('# Parameters set by scripts/run_notebook.py\n' +
