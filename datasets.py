@@ -4,9 +4,10 @@ Every dataset is a random-access source (a TFDS array_record data source, or an 
 TFRecord files) wrapped in a `Dataset` whose ``batch(step)`` is a pure function of
 (seed, step, shard): a killed run resumes on exactly the batches it would have seen.
 
-* Toy 2-D distributions (``TOY_DISTRIBUTIONS``) and scikit-learn's 8x8 digits need no network:
-  they are generated or copied once into local TFDS datasets (array_record) under ``data_dir``
-  on first use.
+* Toy 2-D distributions (``TOY_DISTRIBUTIONS``), scikit-learn's 8x8 digits and 'photos'
+  (16x16 colour patches of scikit-learn's two sample photographs) need no network: they are
+  generated or copied once into local TFDS datasets (array_record) under ``data_dir`` on
+  first use.
 * ``cifar10``, ``celeb_a``, ``lsun/<category>``, ``svhn_cropped``, ``mnist``, ``fashion_mnist``
   are read with ``tfds.data_source`` and must have been prepared in the array_record format.
   Preparing needs the network and TensorFlow once (TFDS encodes images with it), on any
@@ -225,6 +226,68 @@ class _Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield int(i), {'image': images[i], 'label': int(labels[i])}
 
 
+# ----------------------------------------------------------------------------- photos
+
+# Colour patches of scikit-learn's two bundled photographs (china.jpg, flower.jpg, 427x640):
+# each photo is downscaled to PHOTOS_DOWNSCALED (width, height) with PIL's bicubic filter
+# (antialiased), cut into PHOTOS_BLOCK x PHOTOS_BLOCK blocks (the last partial row and column
+# of blocks dropped), and every PHOTOS_SIZE x PHOTOS_SIZE patch inside a block at stride
+# PHOTOS_STRIDE is an example. Blocks, not patches, are split: the blocks with
+# (row + column) % 5 == 2 are the test split, so no test patch overlaps a training patch.
+PHOTOS_FILES = ('china.jpg', 'flower.jpg')
+PHOTOS_DOWNSCALED = (160, 107)
+PHOTOS_BLOCK, PHOTOS_SIZE, PHOTOS_STRIDE = 32, 16, 2
+PHOTOS_SPLITS = {'train': 1944, 'test': 486}   # 24 and 6 blocks of 81 patches
+
+
+def photo_patches():
+  """{'train', 'test'}: (uint8 [n, 16, 16, 3] patches, int32 [n] photo index), in a fixed order."""
+  import sklearn.datasets  # only needed to build, once
+  photos = sklearn.datasets.load_sample_images()
+  by_name = {os.path.basename(f): im for f, im in zip(photos.filenames, photos.images)}
+  out = {'train': ([], []), 'test': ([], [])}
+  starts = range(0, PHOTOS_BLOCK - PHOTOS_SIZE + 1, PHOTOS_STRIDE)
+  for index, name in enumerate(PHOTOS_FILES):
+    small = np.asarray(Image.fromarray(by_name[name]).resize(PHOTOS_DOWNSCALED,
+                                                             Image.Resampling.BICUBIC))
+    rows, cols = small.shape[0] // PHOTOS_BLOCK, small.shape[1] // PHOTOS_BLOCK
+    for r in range(rows):
+      for c in range(cols):
+        images, labels = out['test' if (r + c) % 5 == 2 else 'train']
+        top, left = r * PHOTOS_BLOCK, c * PHOTOS_BLOCK
+        block = small[top:top + PHOTOS_BLOCK, left:left + PHOTOS_BLOCK]
+        for i in starts:
+          for j in starts:
+            images.append(block[i:i + PHOTOS_SIZE, j:j + PHOTOS_SIZE])
+            labels.append(index)
+  return {split: (np.stack(images), np.asarray(labels, np.int32))
+          for split, (images, labels) in out.items()}
+
+
+class _Photos(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """16x16 RGB patches of scikit-learn's sample photographs (``photo_patches``)."""
+  name = 'score_sde_sklearn_photos'
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Patches of sklearn.datasets.load_sample_images (china.jpg, flower.jpg), '
+                    'downscaled 4x; test blocks disjoint from training blocks.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(PHOTOS_SIZE, PHOTOS_SIZE, 3), dtype=np.uint8),
+            'label': tfds.features.ClassLabel(names=[f[:-4] for f in PHOTOS_FILES]),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(*data) for split, data in photo_patches().items()}
+
+  def _generate_examples(self, images, labels):
+    for i, (image, label) in enumerate(zip(images, labels)):
+      yield i, {'image': image, 'label': int(label)}
+
+
 @contextlib.contextmanager
 def _tfds_warnings_off():
   from absl import logging
@@ -377,6 +440,11 @@ _TFRECORD_IMAGES = {
     'celebahq': _ImageSpec(('train',), None, crop='square'),
 }
 _DIGITS = _ImageSpec(('train', 'test'), 8, labels=True)
+_PHOTOS = _ImageSpec(('train', 'test'), PHOTOS_SIZE, labels=True)
+
+
+# The image datasets made offline from scikit-learn's bundled data: name -> (builder, spec).
+_EMBEDDED_IMAGES = {'digits': (_Digits, _DIGITS), 'photos': (_Photos, _PHOTOS)}
 
 
 def _lsun_categories() -> list[str]:
@@ -564,12 +632,12 @@ class Dataset:
 
 def is_known_dataset(name: str) -> bool:
   """Whether get_dataset knows ``name`` (an LSUN category is checked when it is loaded)."""
-  return (name in TOY_DISTRIBUTIONS or name == 'digits' or name.startswith('lsun/')
+  return (name in TOY_DISTRIBUTIONS or name in _EMBEDDED_IMAGES or name.startswith('lsun/')
           or (name in _TFDS_IMAGES and name != 'lsun') or name in _TFRECORD_IMAGES)
 
 
 def valid_names() -> list[str]:
-  return sorted([*TOY_DISTRIBUTIONS, 'digits', *(n for n in _TFDS_IMAGES if n != 'lsun'),
+  return sorted([*TOY_DISTRIBUTIONS, *_EMBEDDED_IMAGES, *(n for n in _TFDS_IMAGES if n != 'lsun'),
                  'lsun/<category>', *_TFRECORD_IMAGES])
 
 
@@ -609,14 +677,15 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
 
   Args:
     name: a toy distribution (TOY_DISTRIBUTIONS: batches {'x': float32 [b, 2]}), 'digits',
-      'cifar10', 'celeb_a', 'lsun/<category>', 'svhn_cropped', 'mnist', 'fashion_mnist',
-      'ffhq' or 'celebahq' (batches {'image': float32 [b, H, W, C]} plus int32 'label' [b]
-      for digits, cifar10, svhn_cropped, mnist, fashion_mnist).
+      'photos', 'cifar10', 'celeb_a', 'lsun/<category>', 'svhn_cropped', 'mnist',
+      'fashion_mnist', 'ffhq' or 'celebahq' (batches {'image': float32 [b, H, W, C]} plus
+      int32 'label' [b] for digits, photos (which photograph), cifar10, svhn_cropped, mnist,
+      fashion_mnist).
     split: 'train', 'test', ... (TFDS slices such as 'train[:90%]' too, except for ffhq and
       celebahq, which have only 'train').
     batch_size: examples per batch on this host (per-host, not global).
     image_size: output height and width (default: 32 cifar10/svhn, 28 mnist, 64 celeb_a,
-      256 lsun, 8 digits, as stored for ffhq/celebahq).
+      256 lsun, 8 digits, 16 photos, as stored for ffhq/celebahq).
     centered: map images to [-1, 1] instead of [0, 1].
     random_flip: flip each image left-right with probability 1/2.
     uniform_dequantization: (x * 255 + u) / 256, u ~ U[0, 1), instead of x.
@@ -668,10 +737,10 @@ def get_dataset(name: str, *, split: str, batch_size: int, image_size: int | Non
     decode, augment, data_key = _toy_decode, _no_augment, 'x'
   else:
     is_lsun = name.startswith('lsun/')
-    if name == 'digits':
-      spec = _DIGITS
+    if name in _EMBEDDED_IMAGES:
+      builder_cls, spec = _EMBEDDED_IMAGES[name]
       _check_split(name, split, spec.splits)
-      source = _local_source(_Digits, None, split, data_dir)
+      source = _local_source(builder_cls, None, split, data_dir)
     elif is_lsun or (name in _TFDS_IMAGES and name != 'lsun'):
       spec = _TFDS_IMAGES['lsun' if is_lsun else name]
       if is_lsun:

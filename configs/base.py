@@ -25,7 +25,7 @@ def get_base_config():
   config.seed = 42
 
   config.data = data = ml_collections.ConfigDict()
-  data.dataset = 'gaussian_mixture'   # a toy name, 'digits', or an image dataset (datasets.py)
+  data.dataset = 'gaussian_mixture'   # a toy name, 'digits', 'photos', or an image dataset (datasets.py)
   data.image_size = 0                 # 0: keep the dataset's own size
   data.centered = False               # scale to [-1, 1] instead of [0, 1]
   data.random_flip = False

@@ -111,9 +111,9 @@ def test_paper_network_has_the_reference_parameter_count(name):
   assert _parameter_count(config) == EXPECTED_PARAMETERS[name]
 
 
-# Ours beyond the reference's files: each SDE's flagship alias and the digits configs.
+# Ours beyond the reference's files: each SDE's flagship alias, the digits and photos configs.
 NOT_REFERENCE_CONFIGS = ('ve/cifar10', 'vp/cifar10', 'subvp/cifar10', 've/digits', 'vp/digits',
-                         'subvp/digits', 've/cifar10_classifier')
+                         'subvp/digits', 'vp/photos', 've/cifar10_classifier')
 
 
 def _field(config, dotted):

@@ -1,4 +1,4 @@
-"""datasets: local toy/digits builds, image pipelines on TFDS mock data, the TFRecord reader."""
+"""datasets: local toy/digits/photos builds, image pipelines on TFDS mock data, the TFRecord reader."""
 import struct
 
 import jax.numpy as jnp
@@ -234,6 +234,47 @@ def test_memory_and_storage_give_the_same_batches_and_memory_reads_each_example_
     np.testing.assert_array_equal(toy.batch(step)['x'], toy_storage.batch(step)['x'])
   # A budget smaller than the data reads from storage.
   assert not _get('rings', data_dir, batch_size=500, memory_budget_mb=0.3).in_memory
+
+
+# ----------------------------------------------------------------------------- photos
+
+
+def test_photos_fixed_splits_shapes_and_the_stored_patches(data_dir, tmp_path):
+  """'photos': 16x16 RGB patches of scikit-learn's sample photographs, fixed split sizes,
+  stored exactly as datasets.photo_patches() cuts them (a pure function of the bundled
+  photographs; TFDS stores each split in an order of its own), labels = which photograph."""
+  assert 'photos' in datasets.valid_names() and datasets.is_known_dataset('photos')
+  cut = datasets.photo_patches()
+  for split, n in datasets.PHOTOS_SPLITS.items():
+    ds = _get('photos', data_dir, split=split, batch_size=n, shuffle=False, num_epochs=1)
+    assert ds.num_examples == n and ds.data_shape == (16, 16, 3)
+    b = ds.batch(0)
+    assert b['image'].dtype == np.float32 and b['label'].dtype == np.int32
+    assert b['image'].min() >= 0 and b['image'].max() <= 1
+    stored = np.round(b['image'] * 255).astype(np.uint8)   # k / 255 back to k
+    images, labels = cut[split]
+    assert images.shape == (n, 16, 16, 3) and images.dtype == np.uint8
+    assert sorted(zip(_rows(stored), b['label'].tolist())) == sorted(
+        zip(_rows(images), labels.tolist()))
+    assert np.bincount(labels).tolist() == [n // 2, n // 2]   # as many from each photograph
+  # Whole blocks are held out: no test patch is a training patch, and the splits differ.
+  train, test = (set(_rows(cut[s][0])) for s in ('train', 'test'))
+  assert not train & test
+  assert abs(cut['train'][0].mean() - cut['test'][0].mean()) < 40   # both span the photographs
+  # Cutting again gives the same patches, and a build elsewhere the same stored data.
+  again = datasets.photo_patches()
+  for split in cut:
+    np.testing.assert_array_equal(again[split][0], cut[split][0])
+  kwargs = dict(split='test', batch_size=486, shuffle=False)
+  np.testing.assert_array_equal(_get('photos', str(tmp_path), **kwargs).batch(0)['image'],
+                                _get('photos', data_dir, **kwargs).batch(0)['image'])
+
+
+def test_photos_resize_to_8_and_center(data_dir):
+  x = _get('photos', data_dir, batch_size=64, image_size=8, centered=True, random_flip=True,
+           uniform_dequantization=True).batch(2)['image']
+  assert x.shape == (64, 8, 8, 3) and x.dtype == np.float32
+  assert x.min() >= -1 and x.max() < 1
 
 
 # ----------------------------------------------------------------------------- images (mock)
