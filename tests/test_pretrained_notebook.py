@@ -1,0 +1,85 @@
+"""docs/pretrained.ipynb runs top to bottom on a fresh kernel, at small sizes, on its import route.
+
+The notebook imports a checkpoint in the reference's real format: the tiny score_sde_pytorch
+NCSN++ (VE, continuous, Fourier features) of tests/fixtures, made by the reference's own
+training code (scripts/make_import_fixtures.py), under the config it was trained with
+(configs/ve/cifar10_ncsnpp_continuous.py shrunk as in tests/test_checkpoint_import.py). Its test
+images are the offline 'photos' patches, which have that model's 16x16x3 shape. The test reads
+what the notebook printed: every sampler of sampling.SAMPLERS with the NFE its settings imply,
+finite bits/dim, and the posterior samplers' NFE.
+"""
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+import datasets
+import sampling
+from scripts import run_notebook
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, 'docs', 'pretrained.ipynb')
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
+
+
+def _fixture_overrides(tag):
+  """The config fields that shrink the fixture's config to the network it was made with."""
+  meta = json.loads(str(np.load(os.path.join(FIXTURES, f'import_{tag}.npz'))['meta']))
+  out = {}
+  for key, value in meta['overrides'].items():
+    value = tuple(value) if isinstance(value, list) else value
+    out['data.image_size' if key == 'image_size' else f'model.{key}'] = value
+  return meta['config'][len('configs.'):].replace('.', '/'), out
+
+
+def _stdout(nb):
+  return ''.join(o.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
+                 for o in cell.outputs if o.output_type == 'stream' and o.name == 'stdout')
+
+
+@pytest.mark.slow
+def test_pretrained_notebook_imports_a_reference_checkpoint_and_uses_it(tmp_path, data_dir):
+  config_name, overrides = _fixture_overrides('torch_ve_ncsnpp_continuous')
+  assert config_name == 've/cifar10_ncsnpp_continuous'
+  sizes = dict(NUM_SAMPLES=4, PC_STEPS=3, ODE_TOL=1e-2, FAST_STEPS=3, BPD_IMAGES=2, BPD_TOL=1e-2,
+               INVERSE_STEPS=3, INVERSE_EXAMPLES=2, INVERSE_SAMPLES=2)
+  params = dict(CHECKPOINT=os.path.join(FIXTURES, 'import_torch_ve_ncsnpp_continuous.pth'),
+                CHECKPOINT_CONFIG=config_name, CONFIG_OVERRIDES=overrides, DATASET='photos',
+                WORKDIR=str(tmp_path / 'imported'), **sizes)
+  nb = run_notebook.execute(NOTEBOOK, params, env={datasets.DATA_DIR_ENV: data_dir})
+  text = _stdout(nb)
+
+  assert 'Imported step 7 of' in text
+  assert os.path.isdir(tmp_path / 'imported' / 'checkpoints' / 'snapshots' / '7')
+  assert 'VESDE, step 7, data (16, 16, 3)' in text
+
+  # The sampler table: name, NFE, seconds; every sampler, each with the NFE of its settings.
+  nfe = {m[1]: int(m[2]) for m in re.finditer(r'^(\w+) +(\d+) +[\d.]+$', text, re.M)}
+  assert list(nfe) == list(sampling.SAMPLERS)
+  steps = sizes['FAST_STEPS']
+  assert nfe['pc'] == 2 * sizes['PC_STEPS']   # reverse diffusion + Langevin, one each per step
+  for name in ('ddim', 'dpm_solver_2m', 'dpm_solver_3m', 'unipc'):
+    assert nfe[name] == steps + 1, name      # one per step, one to denoise
+  for name in ('heun', 'dpm_solver_2s'):
+    assert nfe[name] == 2 * steps + 1, name  # two per step, one to denoise
+  assert nfe['ode'] > 0
+
+  # Bits/dim: finite and positive, the mean and each image's.
+  m = re.search(r'bits/dim of (\d+) test images: ([-\d.]+) \+- ([\d.]+) \(NFE (\d+)', text)
+  assert m and int(m[1]) == sizes['BPD_IMAGES'] and int(m[4]) > 0
+  per_image = [float(v) for v in re.search(r'per image: (.*)', text)[1].split()]
+  assert len(per_image) == sizes['BPD_IMAGES']
+  assert all(math.isfinite(v) and v > 0 for v in per_image + [float(m[2])])
+
+  # The imported model has colour: it also colorizes (no photos model is trained).
+  n = sizes['INVERSE_EXAMPLES'] * sizes['INVERSE_SAMPLES']
+  for task in ('inpainting', 'colorization'):
+    assert f'{task}: {n} posterior samples, {2 * sizes["INVERSE_STEPS"]} NFE' in text, task
+  assert 'photos model at step' not in text
+
+  pictures = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs
+              if 'image/png' in o.get('data', {})]
+  assert len(pictures) == 5   # two sampler grids, the bits/dim images, two inverse problems
