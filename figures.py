@@ -88,12 +88,12 @@ SIZES = {
         pc_steps=1000, fast_steps=(10, 20),
         likelihood_grid=40, likelihood_test=500,
         digits_steps=3000,           # each of the two digits models (configs/vp/digits.py)
-        digits_b=dict(seed=1, nf=32, num_res_blocks=2),   # the second model: seed, widths, depth
+        digits_b=dict(seed=1, nf=32),   # the second model: another seed, a wider network
         num_scales=200,              # PC and posterior-sampler steps on digits
         classifier_steps=1500,
         per_class=6, latent_examples=32, interpolation=8,
         inverse_examples=4, samples_per_example=4,
-        cg_iters=50,                 # moment matching's conjugate-gradient iterations
+        cg_iters=20,                 # moment matching's conjugate-gradient iterations
     ),
     'small': dict(
         n=200, naive_steps=50, toy_steps=100, langevin_steps=50, ald_levels=4, ald_steps_each=5,
@@ -527,7 +527,7 @@ def fast_samplers(key, sde_name: str = 'vpsde', steps=(10, 20), n: int = 2000,
     _scatter(ax, x, f'{name}, {r["nfe"]} NFE\nED {r["energy_distance"]:.4f}')
   fig.suptitle(f'{sde_name}, exact score; energy distance floor (two true sets) {floor:.4f}',
                fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'rows': rows, 'floor': floor})
 
 
@@ -568,7 +568,7 @@ def likelihood_grid(key, trained: Trained, n: int = 40, n_test: int = 500,
   fig.suptitle(f'test log-likelihood: model {numbers["model_test_logp"]:.3f}, true '
                f'{numbers["true_test_logp"]:.3f} nats ({numbers["model_bits_per_dim"]:.3f} vs '
                f'{numbers["true_bits_per_dim"]:.3f} bits/dim)', fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, numbers)
 
 
@@ -615,7 +615,7 @@ def latent_interpolation(trained: Trained, x_pair, n: int = 8) -> Shown:
   fig = Figure(figsize=(1.2 * n, 1.6))
   _images_row(fig.subplots(1, n, squeeze=False)[0], to_unit_range(trained, xs), [f'{a:.2f}' for a in alphas])
   fig.suptitle('decoded slerp between the latents of two test digits', fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'round_trip_rms': float(jnp.sqrt(jnp.mean((x_back - x_pair)**2))),
                      'nfe_encode': int(nfe_enc), 'nfe_decode': int(nfe_dec)})
 
@@ -656,7 +656,7 @@ def identifiability(model_a: Trained, model_b: Trained, x, n_show: int = 3) -> S
   axes[0].legend(fontsize=7)
   fig.suptitle(f'latent RMS distance, same input across models {same:.2f}; different inputs '
                f'{different:.2f}', fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'same_input': same, 'different_inputs': different})
 
 
@@ -686,7 +686,7 @@ def class_conditional(key, trained: Trained, log_prob_fn, per_class: int = 6,
     axes[k, 0].set_ylabel(str(k), rotation=0, labelpad=10)
   fig.suptitle(f'class guidance, scale {scale:g}: {accuracy:.0%} classified as their row\n'
                f'({int(nfe)} NFE)', fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'target_accuracy': accuracy, 'nfe': int(nfe)})
 
 
@@ -695,8 +695,14 @@ def inverse_problem(key, trained: Trained, truth, operator, method: str = 'momen
                     **options) -> Shown:
   """Posterior samples of digits given a linear measurement y = A x + noise: each row shows
   the truth, the measurement's pseudo-inverse A^+ y, the posterior samples and their
-  per-pixel standard deviation (the posterior spread)."""
+  per-pixel standard deviation (the posterior spread). The method's options default to the
+  config's ``inverse`` section, as ``--mode inverse`` reads them (inverse_lib)."""
+  import inverse_lib
   sde = trained.comp.sde
+  # The method's settings as --mode inverse takes them from the config, then the caller's.
+  inv = trained.config.inverse.copy_and_resolve_references()
+  inv.method = method
+  options = {**inverse_lib.method_options(inv, trained.comp.data_std), **options}
   truth = jnp.asarray(truth)
   n, reps = len(truth), samples_per_example
   k_noise, k_sample = jax.random.split(key)
@@ -722,9 +728,9 @@ def inverse_problem(key, trained: Trained, truth, operator, method: str = 'momen
     axes[i, -1].set_yticks([])
     if i == 0:
       axes[i, -1].set_title('spread', fontsize=8)
-  fig.suptitle(f'{title or type(operator).__name__}, {method} ({int(nfe)} NFE): RMSE of the '
-               f'posterior mean {mean_rmse:.3f}, of A^+ y {pinv_rmse:.3f}', fontsize=9)
-  fig.tight_layout()
+  fig.suptitle(f'{title or type(operator).__name__}\n{method}, {int(nfe)} NFE; RMSE: posterior '
+               f'mean {mean_rmse:.3f}, A^+ y {pinv_rmse:.3f}', fontsize=9)
+  fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'posterior_mean_rmse': mean_rmse, 'pinv_rmse': pinv_rmse, 'nfe': int(nfe),
                      'mean_spread': float(spread.mean())})
 

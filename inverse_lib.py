@@ -63,7 +63,8 @@ def make_operator(inv, data_shape, key):
   raise ValueError(f'Unknown inverse.task {task!r}; valid tasks: {list(TASKS)}')
 
 
-def _method_options(inv, data_std):
+def method_options(inv, data_std):
+  """The posterior sampler's options of ``inv.method`` from the config's ``inverse`` section."""
   return {'imputation': {}, 'projection': {'weight': inv.weight},
           'dps': {'step_size': inv.step_size},
           'moment_matching': {'cg_iters': inv.cg_iters, 'covariance': inv.covariance,
@@ -116,7 +117,7 @@ def inverse(config, workdir):
       comp.sde, op, (n * reps,) + comp.data_shape, inv.method, noise_std=inv.noise_std,
       predictor=s.predictor, corrector=None if inv.method in ('dps', 'moment_matching') else s.corrector,
       snr=s.snr, n_steps=s.n_steps_each, denoise=s.noise_removal, eps=s.eps,
-      **_method_options(inv, comp.data_std))
+      **method_options(inv, comp.data_std))
   score_fn = comp.score_fn(state.ema_params)
   t0 = time.time()
   x, nfe = sampler(builder.stream_key(config.seed, 'inverse_samples'), score_fn, y_rep)
@@ -129,7 +130,7 @@ def inverse(config, workdir):
   samples01 = to01(np.clip(x, lo, hi))
   mean01 = samples01.reshape((n, reps) + samples01.shape[1:]).mean(1)
   report = {'step': int(step), 'task': inv.task, 'method': inv.method, 'sde': config.sde.name,
-            'noise_std': float(inv.noise_std), 'options': _method_options(inv, comp.data_std),
+            'noise_std': float(inv.noise_std), 'options': method_options(inv, comp.data_std),
             'num_examples': n, 'samples_per_example': reps, 'nfe': int(nfe),
             'wall_seconds': wall, 'all_finite': bool(np.all(np.isfinite(x))),
             'samples': _fidelity(samples01, truth01, reps),

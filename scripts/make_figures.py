@@ -41,8 +41,8 @@ def make_all(size: str = 'full', out_dir: str = FIGURES_DIR, notebook_out: str |
   inside = os.path.commonpath([out_dir, ROOT]) == ROOT
   nb = run_notebook.execute(NOTEBOOK, {'SIZE': size, 'FIGURES_DIR': os.path.relpath(out_dir, ROOT)
                                        if inside else out_dir}, notebook_out, env=env)
-  missing = [n for n in figures.FIGURE_NAMES
-             if not os.path.getsize(os.path.join(out_dir, n + '.png')) > 0]
+  paths = {n: os.path.join(out_dir, n + '.png') for n in figures.FIGURE_NAMES}
+  missing = [n for n, p in paths.items() if not os.path.exists(p) or os.path.getsize(p) == 0]
   if missing:
     raise RuntimeError(f'the tutorial did not write {missing} into {out_dir}')
   return nb
