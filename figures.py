@@ -97,10 +97,10 @@ SIZES = {
     ),
     'small': dict(
         n=200, naive_steps=50, toy_steps=100, langevin_steps=50, ald_levels=4, ald_steps_each=5,
-        trajectory_points=50, trajectory_steps=20, pc_steps=20, fast_steps=(3, 5),
+        trajectory_points=50, trajectory_steps=20, pc_steps=20, fast_steps=(4,),
         likelihood_grid=8, likelihood_test=20, digits_steps=20, digits_b=dict(seed=1, nf=16),
         num_scales=25,   # VP's discrete steps need N > beta_max = 20 (beta_i = beta(t_i) / N < 1)
-        classifier_steps=10, per_class=1, latent_examples=4, interpolation=3,
+        classifier_steps=10, per_class=1, latent_examples=2, interpolation=3,
         inverse_examples=1, samples_per_example=2, cg_iters=5,
     ),
 }
@@ -613,7 +613,8 @@ def latent_interpolation(trained: Trained, x_pair, n: int = 8) -> Shown:
   zs = jnp.asarray(slerp(np.asarray(z[0]), np.asarray(z[1]), alphas))
   xs, nfe_dec = likelihood.decode(sde, trained.score_fn, zs, eps=eps)
   fig = Figure(figsize=(1.2 * n, 1.6))
-  _images_row(fig.subplots(1, n, squeeze=False)[0], to_unit_range(trained, xs), [f'{a:.2f}' for a in alphas])
+  _images_row(fig.subplots(1, n, squeeze=False)[0], to_unit_range(trained, xs),
+              [f'{a:.2f}' for a in alphas])
   fig.suptitle('decoded slerp between the latents of two test digits', fontsize=9)
   fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'round_trip_rms': float(jnp.sqrt(jnp.mean((x_back - x_pair)**2))),
@@ -647,6 +648,7 @@ def identifiability(model_a: Trained, model_b: Trained, x, n_show: int = 3) -> S
   z_b, _ = likelihood.encode(sde, model_b.score_fn, x, eps=eps)
   same, different = latent_agreement(z_a, z_b)
   fig = Figure(figsize=(9, 2.6))
+  n_show = min(n_show, len(x))
   axes = fig.subplots(1, n_show, squeeze=False)[0]
   d = min(64, int(np.prod(z_a.shape[1:])))
   for i, ax in enumerate(axes):
