@@ -39,8 +39,10 @@ def make_all(size: str = 'full', out_dir: str = FIGURES_DIR, notebook_out: str |
   # The kernel runs in the repository root: a path inside it is written relative, so that
   # the committed notebook names docs/figures, not this machine's checkout.
   inside = os.path.commonpath([out_dir, ROOT]) == ROOT
-  nb = run_notebook.execute(NOTEBOOK, {'SIZE': size, 'FIGURES_DIR': os.path.relpath(out_dir, ROOT)
-                                       if inside else out_dir}, notebook_out, env=env)
+  env = dict(env or {}, SCORE_SDE_FIGURES_DIR=os.path.relpath(out_dir, ROOT) if inside else out_dir)
+  # The notebook's own sizes are 'full': the committed notebook then carries no injected cell.
+  overrides = {} if size == 'full' else {'SIZE': size}
+  nb = run_notebook.execute(NOTEBOOK, overrides, notebook_out, env=env)
   paths = {n: os.path.join(out_dir, n + '.png') for n in figures.FIGURE_NAMES}
   missing = [n for n, p in paths.items() if not os.path.exists(p) or os.path.getsize(p) == 0]
   if missing:

@@ -2,6 +2,7 @@
 and writes every figure of figures.FIGURE_NAMES."""
 import json
 import os
+import re
 
 import nbformat
 import pytest
@@ -38,10 +39,11 @@ def test_tutorial_runs_and_make_figures_writes_every_figure(data_dir, tmp_path):
   assert _image_outputs(nb) == len(figures.FIGURE_NAMES)
   text = _text_outputs(nb)
   assert "sizes (small)" in text
-  # The few-step solvers report the evaluations they made: steps + 1 with the final denoising
-  # step (Heun: 2 per step but the last, plus the denoising step).
+  # The few-step solvers report the evaluations they made: DDIM one per step plus the final
+  # denoising step, Heun two per step plus the denoising step.
   for steps in figures.SIZES['small']['fast_steps']:
-    assert f'ddim_{steps}' in text and f'{steps + 1:5d} NFE' in text
+    assert re.search(rf'ddim_{steps}: +{steps + 1} NFE', text), text
+    assert re.search(rf'heun_{steps}: +{2 * steps + 1} NFE', text), text
   # The executed notebook is a valid notebook with no error output.
   nbformat.validate(nb)
   assert not [o for c in nb.cells for o in c.get('outputs', []) if o.get('output_type') == 'error']
@@ -56,8 +58,9 @@ def test_committed_tutorial_has_its_outputs_and_figures():
   counts = [c.execution_count for c in code]
   assert all(isinstance(n, int) for n in counts) and counts == sorted(counts), counts
   assert _image_outputs(nb) == len(figures.FIGURE_NAMES)
-  injected = [c for c in code if 'injected-parameters' in c.metadata.get('tags', [])]
-  assert len(injected) == 1 and "SIZE = 'full'" in injected[0].source
+  # Its own parameters are the full sizes, with no cell injected over them.
+  assert not [c for c in code if 'injected-parameters' in c.metadata.get('tags', [])]
+  assert "SIZE = 'full'" in code[0].source and 'parameters' in code[0].metadata.tags
   for name in figures.FIGURE_NAMES:
     assert os.path.getsize(os.path.join(root, 'docs', 'figures', f'{name}.png')) > 1000, name
   json.dumps(nb)   # serializable as committed
