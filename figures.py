@@ -256,7 +256,7 @@ def train_classifier(trained: Trained, workdir: str, steps: int):
   """``--mode train_classifier`` in the model's workdir; returns the classifier's
   ``log_prob_fn(x_t, t)`` (classifier_lib), the input of class guidance."""
   import classifier_lib
-  config = trained.config
+  config = trained.config.copy_and_resolve_references()   # the model's config is left as it is
   config.classifier.n_iters = steps
   config.classifier.checkpoint_freq = max(1, steps // 2)
   run_lib.run(config, workdir, 'train_classifier')

@@ -45,17 +45,13 @@ def execute(path: str, overrides: dict | None = None, out_path: str | None = Non
                                      '\n'.join(lines), metadata={'tags': ['injected-parameters']})
     nb.cells.insert(_parameter_cell_index(nb) + 1, cell)
   # The kernel runs in the repository root, so that the notebook imports the library as
-  # the README's commands do; the environment decides where data are generated.
-  old_env = dict(os.environ)
-  os.environ.update(env or {})
-  os.environ['PYTHONPATH'] = ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')
-  try:
-    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name='python3',
-                                     resources={'metadata': {'path': ROOT}})
-    client.execute()
-  finally:
-    os.environ.clear()
-    os.environ.update(old_env)
+  # the README's commands do; ``env`` (where data are generated, ...) is the kernel's alone:
+  # this process's environment is left as it is.
+  kernel_env = dict(os.environ, **(env or {}))
+  kernel_env['PYTHONPATH'] = ROOT + os.pathsep + kernel_env.get('PYTHONPATH', '')
+  client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name='python3',
+                                   resources={'metadata': {'path': ROOT}})
+  client.execute(env=kernel_env)
   if out_path:
     nbformat.write(nb, out_path)
   return nb
