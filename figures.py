@@ -88,6 +88,7 @@ SIZES = {
         pc_steps=1000, fast_steps=(10, 20),
         likelihood_grid=40, likelihood_test=500,
         digits_steps=3000,           # each of the two digits models (configs/vp/digits.py)
+        digits_a=dict(),             # the first model: digits_config's defaults
         digits_b=dict(seed=1, nf=32),   # the second model: another seed, a wider network
         num_scales=200,              # PC and posterior-sampler steps on digits
         classifier_steps=1500,
@@ -98,7 +99,10 @@ SIZES = {
     'small': dict(
         n=200, naive_steps=50, toy_steps=100, langevin_steps=50, ald_levels=4, ald_steps_each=5,
         trajectory_points=50, trajectory_steps=20, pc_steps=20, fast_steps=(4,),
-        likelihood_grid=8, likelihood_test=20, digits_steps=20, digits_b=dict(seed=1, nf=16),
+        likelihood_grid=8, likelihood_test=20, digits_steps=20,
+        # One narrow network for both models (seeds differ): the second trains from the first's
+        # compiled program. The full size shows two architectures.
+        digits_a=dict(nf=16), digits_b=dict(seed=1, nf=16),
         num_scales=25,   # VP's discrete steps need N > beta_max = 20 (beta_i = beta(t_i) / N < 1)
         classifier_steps=10, per_class=1, latent_examples=2, interpolation=3,
         inverse_examples=1, samples_per_example=2, cg_iters=5,
