@@ -63,18 +63,16 @@ def make_train_step(comp: builder.Components, ema_rate: float, seed: int, unroll
                     ema_warmup: bool = False):
   """Steps of loss, gradients, optimizer update and EMA over ``[steps, batch, ...]`` batches.
 
-  Keys are folded with the step into ``base_key``, an argument (default: the seed's
-  'train' stream) so that runs differing only in their seed share one compiled program.
-  ``unroll`` writes the steps out instead of looping
+  Keys are folded with the step. ``unroll`` writes the steps out instead of looping
   (default: on CPU only). XLA:CPU runs a convolution's gradient inside a loop body about
   30 times slower than in straight-line code (benchmarks/train_benchmark.py measures it),
   while accelerators prefer the loop, which compiles once for any number of steps.
   """
   if unroll is None:
     unroll = jax.default_backend() == 'cpu'
-  default_key = builder.stream_key(seed, 'train')
+  base_key = builder.stream_key(seed, 'train')
 
-  def step(base_key, state: TrainState, batch):
+  def step(state: TrainState, batch):
     key = jax.random.fold_in(base_key, state.step)
     loss, grads = jax.value_and_grad(comp.loss_fn)(state.params, key, batch)
     updates, opt_state = comp.optimizer.update(grads, state.opt_state, state.params)
@@ -83,13 +81,13 @@ def make_train_step(comp: builder.Components, ema_rate: float, seed: int, unroll
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return TrainState(state.step + 1, params, ema, opt_state), loss
 
-  def multi_step(state, batches, base_key=default_key):
+  def multi_step(state, batches):
     if not unroll:
-      return jax.lax.scan(functools.partial(step, base_key), state, batches)
+      return jax.lax.scan(step, state, batches)
     # Written out step by step: scan(unroll=True) over one step is still a loop of one trip.
     losses = []
     for i in range(jax.tree.leaves(batches)[0].shape[0]):
-      state, loss = step(base_key, state, jax.tree.map(lambda a, i=i: a[i], batches))
+      state, loss = step(state, jax.tree.map(lambda a, i=i: a[i], batches))
       losses.append(loss)
     return state, jnp.stack(losses)
 
@@ -101,15 +99,8 @@ def compile_train_step(comp, config, mesh, unroll: bool | None = None):
   batch_sharding = NamedSharding(mesh, P(None, 'data'))   # [steps_per_call, batch, ...]
   fn = make_train_step(comp, config.model.ema_rate, config.seed, unroll,
                        config.model.ema_warmup)
-  jitted = jax.jit(fn, in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
-  key = builder.stream_key(config.seed, 'train')
-
-  def train_step(state, batches):
-    return jitted(state, batches, key)
-
-  train_step.lower = lambda state, batches: jitted.lower(state, batches, key)
-  return train_step, batch_sharding
+  return jax.jit(fn, in_shardings=(replicated, batch_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
 
 
 def host_batches(dataset, start_step, steps):

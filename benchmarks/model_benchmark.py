@@ -200,9 +200,8 @@ def measure(name, batch, dtype, repeats, warmup, tiny):
     def step_args(out):
       if out is not None:
         holder['state'] = out[0]
-      return holder['state'], batches, train_key   # the compiled step takes the key last
+      return holder['state'], batches
 
-    train_key = builder.stream_key(config.seed, 'train')
     row['train_step_s'], out = timed(step, step_args)
     row['train_loss'] = float(np.asarray(out[1])[0])
     row['device_peak_bytes_so_far'] = _peak_bytes(jax.devices()[0])
