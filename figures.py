@@ -582,10 +582,19 @@ def likelihood_grid(key, trained: Trained, n: int = 40, n_test: int = 500,
 
 
 def slerp(z0, z1, alphas):
-  """Spherical interpolation between latents z0 and z1 (flattened), at each alpha."""
+  """Spherical interpolation between latents z0 and z1 (flattened), at each alpha.
+
+  Latents at (nearly) the same direction, where sin(omega) vanishes, interpolate linearly
+  (the limit of slerp as omega -> 0); a zero latent, which has no direction, raises."""
   a, b = np.ravel(z0), np.ravel(z1)
-  omega = np.arccos(np.clip(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), -1, 1))
-  out = [(np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega) for t in alphas]
+  norms = np.linalg.norm(a) * np.linalg.norm(b)
+  if norms == 0:
+    raise ValueError('slerp: a zero latent has no direction to interpolate along')
+  omega = np.arccos(np.clip(a @ b / norms, -1, 1))
+  if np.sin(omega) < 1e-6:
+    out = [(1 - t) * a + t * b for t in alphas]
+  else:
+    out = [(np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega) for t in alphas]
   return np.stack(out).reshape((len(alphas),) + np.shape(z0))
 
 
