@@ -720,6 +720,8 @@ def inverse_problem(key, trained: Trained, truth, operator, method: str = 'momen
   options = {**inverse_lib.method_options(inv, trained.comp.data_std), **options}
   truth = jnp.asarray(truth)
   n, reps = len(truth), samples_per_example
+  if reps < 2:
+    raise ValueError(f'samples_per_example={reps}: the posterior spread needs at least 2')
   k_noise, k_sample = jax.random.split(key)
   y = operator.measure(k_noise, truth, noise_std)
   sample = cg.get_inverse_sampler(sde, operator, (n * reps,) + tuple(truth.shape[1:]), method,
@@ -728,7 +730,7 @@ def inverse_problem(key, trained: Trained, truth, operator, method: str = 'momen
   # RMSE and spread on the [0, 1] intensity scale, whatever range the model works in.
   x = to_unit_range(trained, x).reshape((n, reps) + tuple(truth.shape[1:]))
   truth01, pinv01 = to_unit_range(trained, truth), to_unit_range(trained, operator.pinv(y))
-  spread = x.std(1)
+  spread = x.std(1, ddof=1)   # the sample std: unbiased variance over few samples per example
   mean_rmse = float(np.sqrt(np.mean((x.mean(1) - truth01)**2)))
   pinv_rmse = float(np.sqrt(np.mean((pinv01 - truth01)**2)))
   cols = reps + 3
