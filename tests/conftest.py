@@ -24,7 +24,7 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='score_sde_test_jax_cache_')
   os.environ['SCORE_SDE_TEST_CACHE_OWNER'] = str(os.getpid())
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
