@@ -584,14 +584,16 @@ def likelihood_grid(key, trained: Trained, n: int = 40, n_test: int = 500,
 def slerp(z0, z1, alphas):
   """Spherical interpolation between latents z0 and z1 (flattened), at each alpha.
 
-  Latents at (nearly) the same direction, where sin(omega) vanishes, interpolate linearly
-  (the limit of slerp as omega -> 0); a zero latent, which has no direction, raises."""
+  Latents at (nearly) the same direction interpolate linearly (the limit of slerp as
+  omega -> 0); opposite latents (no unique great circle) and a zero latent raise."""
   a, b = np.ravel(z0), np.ravel(z1)
   norms = np.linalg.norm(a) * np.linalg.norm(b)
   if norms == 0:
     raise ValueError('slerp: a zero latent has no direction to interpolate along')
   omega = np.arccos(np.clip(a @ b / norms, -1, 1))
-  if np.sin(omega) < 1e-6:
+  if np.pi - omega < 1e-6:
+    raise ValueError('slerp: opposite latents have no unique great circle between them')
+  if omega < 1e-6:
     out = [(1 - t) * a + t * b for t in alphas]
   else:
     out = [(np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega) for t in alphas]

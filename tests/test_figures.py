@@ -29,7 +29,7 @@ def test_slerp_ends_at_both_latents_and_keeps_the_norm_between_equal_norms():
   np.testing.assert_allclose(path[2].ravel(), [np.sqrt(0.5), np.sqrt(0.5), 0], atol=1e-12)
 
 
-def test_slerp_of_equal_or_parallel_latents_is_linear_and_a_zero_latent_raises():
+def test_slerp_of_equal_or_parallel_latents_is_linear_and_opposite_or_zero_latents_raise():
   z = np.array([[3.0, -4.0]])
   alphas = np.linspace(0, 1, 4)
   np.testing.assert_array_equal(figures.slerp(z, z, alphas), np.repeat(z[None], 4, 0))
@@ -38,6 +38,8 @@ def test_slerp_of_equal_or_parallel_latents_is_linear_and_a_zero_latent_raises()
   np.testing.assert_allclose(path[:, 0], [(1 + a) * z[0] for a in alphas], rtol=1e-12)
   with pytest.raises(ValueError, match='zero latent'):
     figures.slerp(z, np.zeros_like(z), alphas)
+  with pytest.raises(ValueError, match='opposite latents'):
+    figures.slerp(z, -z, alphas)
 
 
 def test_mode_weights_of_mixture_samples_are_its_weights(mixture):
