@@ -10,6 +10,13 @@ import tempfile
 # long samplers) carry @pytest.mark.optimized and run fully optimized, as users' runs do.
 # Set in the environment, so that the processes the tests start compile the same way.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+# XLA:CPU's older loop emitters instead of its MLIR fusion emitters: the same programs compile
+# with about 15% less CPU time here (the suite is bound by compiling), and the numbers the
+# tests check are unchanged. Appended to XLA_FLAGS before jax starts its backend, and
+# inherited by the processes the tests start.
+_FAST_COMPILE_FLAG = '--xla_cpu_use_fusion_emitters=false'
+if _FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FAST_COMPILE_FLAG).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

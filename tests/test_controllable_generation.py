@@ -292,6 +292,27 @@ def test_inverse_methods_on_the_mixture_against_the_exact_posterior(mixture, sde
     assert bound_r[0] < residual.std() < bound_r[1], residual.std()
 
 
+def test_dps_score_is_its_closed_form_and_finite_where_the_residual_vanishes():
+  """With a zero score under VE (x0_hat = x), DPS adds 2 zeta / g^2 * A^T r / ||r|| with
+  r = y - A x; where r = 0 exactly it adds nothing (sqrt's infinite derivative at 0 once
+  turned such a sample into NaN)."""
+  sde = make_sde('vesde', N=10)
+  op = cg.Inpainting(np.array([True, False]))
+  step_size = 0.3
+  x = jnp.array([[1.5, 0.7], [0.5, -2.0], [-1.0, 0.4]])
+  y = jnp.array([[1.5], [1.0], [1.0]])     # the first example fits y exactly
+  t = jnp.full((3,), 0.5)
+  score = cg.dps_score(sde, op, lambda x, t: jnp.zeros_like(x), y, step_size)(x, t)
+  _, g = sde.discretize(x, t)
+  r = np.asarray(y - op.forward(x))
+  norm = np.linalg.norm(r, axis=1, keepdims=True)
+  back = np.asarray(op.adjoint(jnp.asarray(r)))
+  want = np.where(norm > 0, 2 * step_size / np.asarray(g)[:, None]**2 * back / np.maximum(norm, 1e-30), 0)
+  assert np.all(np.isfinite(np.asarray(score))), score
+  np.testing.assert_allclose(np.asarray(score), want, rtol=1e-5, atol=1e-7)
+  assert not np.any(np.asarray(score)[0])
+
+
 @pytest.mark.parametrize('name', SDE_NAMES)
 def test_isotropic_moment_matching_is_exact_for_isotropic_gaussian_data(name):
   """Cov[x_0 | x_t] = v s^2 / (a^2 v + s^2) I exactly when the data are N(mu, v I)."""

@@ -109,7 +109,8 @@ SHARDED_SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_one_device(data_dir):
   script = SHARDED_SCRIPT.format(root=ROOT, data_dir=data_dir)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
                           timeout=600)
   assert 'SHARDED OK' in result.stdout, result.stdout + result.stderr
@@ -275,8 +276,12 @@ def test_scanned_steps_equal_written_out_steps(data_dir):
   (s_unrolled, l_unrolled), (s_scanned, l_scanned) = out[True], out[False]
   np.testing.assert_allclose(np.asarray(l_scanned), np.asarray(l_unrolled), rtol=1e-5)
   assert int(s_scanned.step) == int(s_unrolled.step) == 3
+  # The two programs round differently (how much depends on XLA's emitters): compared per
+  # array, relative to its largest value. Measured here: at most 4.5e-6 of that scale; a
+  # step too few differs by up to 0.65 of it.
   for a, b in zip(jax.tree.leaves(s_scanned), jax.tree.leaves(s_unrolled)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.max(np.abs(a - b), initial=0) <= 1e-4 * np.max(np.abs(b), initial=0), (a, b)
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
