@@ -10,13 +10,18 @@ import tempfile
 # long samplers) carry @pytest.mark.optimized and run fully optimized, as users' runs do.
 # Set in the environment, so that the processes the tests start compile the same way.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-# XLA:CPU's older loop emitters instead of its MLIR fusion emitters: the same programs compile
-# with about 15% less CPU time here (the suite is bound by compiling), and the numbers the
-# tests check are unchanged. Appended to XLA_FLAGS before jax starts its backend, and
-# inherited by the processes the tests start.
-_FAST_COMPILE_FLAG = '--xla_cpu_use_fusion_emitters=false'
-if _FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FAST_COMPILE_FLAG).strip()
+# Two XLA:CPU settings that cut compiling's CPU time; results agree to float32 rounding: the older
+# loop emitters instead of the MLIR fusion emitters, and each program's machine code made in
+# one piece rather than split for parallel threads (with three workers on two cores, the
+# threads only compete). A compile benchmark of the suite's programs (paper networks' train
+# steps and samplers, the fast samplers) spends 45% less CPU with the first, 12% less again
+# with the second (benchmarks/compile_benchmark.py). Added to XLA_FLAGS before jax starts its backend, and inherited by the
+# processes the tests start.
+_FAST_COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false',
+                       '--xla_cpu_parallel_codegen_split_count=1')
+for _flag in _FAST_COMPILE_FLAGS:
+  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
