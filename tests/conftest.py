@@ -10,22 +10,50 @@ import tempfile
 # long samplers) carry @pytest.mark.optimized and run fully optimized, as users' runs do.
 # Set in the environment, so that the processes the tests start compile the same way.
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
-# Two XLA:CPU settings that cut compiling's CPU time; results agree to float32 rounding: the older
-# loop emitters instead of the MLIR fusion emitters, and each program's machine code made in
-# one piece rather than split for parallel threads (with three workers on two cores, the
-# threads only compete). A compile benchmark of the suite's programs (paper networks' train
-# steps and samplers, the fast samplers) spends 45% less CPU with the first, 12% less again
-# with the second (benchmarks/compile_benchmark.py). Added to XLA_FLAGS before jax starts its backend, and inherited by the
-# processes the tests start.
-_FAST_COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false',
-                       '--xla_cpu_parallel_codegen_split_count=1')
-for _flag in _FAST_COMPILE_FLAGS:
-  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
+# Two XLA:CPU options that cut the CPU time of a low-effort compile (the suite is bound by
+# compiling), with results that agree to float32 rounding: the older loop emitters instead of
+# the MLIR fusion emitters, and each program's machine code made in one piece rather than
+# split for threads (three workers on two cores: the threads only compete). On the suite's
+# programs (paper networks' train steps and samplers, fast samplers) the first saves 45% of
+# compile CPU and the second 12% more (benchmarks/compile_benchmark.py). They also make some
+# programs run slower (a 2000-step Monte Carlo took twice as long), so tests marked
+# ``optimized`` compile without them, as users' runs do. This process adds them per compile
+# (below); the processes the tests start read them from XLA_FLAGS.
+LOW_EFFORT_XLA_OPTIONS = {'xla_cpu_use_fusion_emitters': False,
+                          'xla_cpu_parallel_codegen_split_count': 1}
+
+
+def _xla_flags(low_effort):
+  """XLA_FLAGS as inherited, with LOW_EFFORT_XLA_OPTIONS set as flags or taken out."""
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if f.lstrip('-').split('=')[0] not in LOW_EFFORT_XLA_OPTIONS]
+  if low_effort:
+    kept += [f'--{k}={str(v).lower()}' for k, v in LOW_EFFORT_XLA_OPTIONS.items()]
+  return ' '.join(kept)
+
+
+os.environ['XLA_FLAGS'] = _xla_flags(False)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from jax._src import compiler as _jax_compiler  # noqa: E402
+
+jax.devices()   # the backend starts, reading XLA_FLAGS (without the options) once
+_LOW_EFFORT = os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] not in ('0', 'false', 'False', '')
+os.environ['XLA_FLAGS'] = _xla_flags(_LOW_EFFORT)   # for the processes the tests start
+
+# JAX has no global setting for compiler options: its one function that makes them gets the
+# options added whenever jax_disable_most_optimizations is on. Should a JAX release rename
+# it, the suite runs as before, only slower.
+_original_get_compile_options = getattr(_jax_compiler, 'get_compile_options', None)
+if _original_get_compile_options is not None:
+  def _get_compile_options(*args, env_options_overrides=None, **kwargs):
+    if jax.config.read('jax_disable_most_optimizations'):
+      env_options_overrides = {**LOW_EFFORT_XLA_OPTIONS, **(env_options_overrides or {})}
+    return _original_get_compile_options(*args, env_options_overrides=env_options_overrides,
+                                         **kwargs)
+  _jax_compiler.get_compile_options = _get_compile_options
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -41,8 +69,6 @@ jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE
 jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
-
-_LOW_EFFORT = os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] not in ('0', 'false', 'False', '')
 jax.config.update('jax_disable_most_optimizations', _LOW_EFFORT)
 
 
@@ -53,6 +79,7 @@ def _xla_optimization(request, monkeypatch):
     yield
     return
   monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '0')
+  monkeypatch.setenv('XLA_FLAGS', _xla_flags(False))
   jax.config.update('jax_disable_most_optimizations', False)
   try:
     yield
