@@ -129,11 +129,18 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
           '--config.training.snapshot_sampling=False',
           '--config.eval.batch_size=30', '--config.eval.bpd_max_examples=100',
           '--config.eval.begin_ckpt=40']
-  env = {'JAX_PLATFORMS': 'cpu'}
+  # The two processes compile their own programs, without the run's shared compilation cache
+  # (as users' runs do: main.py sets none). With it, process 0 sometimes hung in its first
+  # training step until the shutdown barrier timed out: in 2 of 3 suite runs with every
+  # program cached (and once alone), and in 1 of 4 suite runs with the usual 0.5 s threshold.
+  # The cause is not established; on failure the message shows both processes' output.
+  env = {'JAX_PLATFORMS': 'cpu', 'JAX_ENABLE_COMPILATION_CACHE': 'false'}
+  config = toy_config(data_dir, **{'eval.batch_size': 30, 'eval.bpd_max_examples': 100})
+  comp = builder.build(config)   # generates the dataset first, were this test the first to use it
   procs = [main_process(args + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outs):   # training ends by checking the processes' parameters agree
-    assert p.returncode == 0, out
+  for p in procs:   # training ends by checking the processes' parameters agree
+    assert p.returncode == 0, '\n\n'.join(f'process {i}:\n{o}' for i, o in enumerate(outs))
   # What a user reads (process 0; the others print nothing): progress of every long phase as
   # plain lines (a pipe is not a terminal), the summary with the README's numbers, no warning
   # (the smoke config's samples stay near the data), nothing for a terminal alone.
@@ -149,8 +156,6 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
   # The numbers must be those of one process doing everything. The energy distance of the
   # samples changes with any sample.
   report = json.load(open(os.path.join(workdir, 'eval', 'report_40.json')))
-  config = toy_config(data_dir, **{'eval.batch_size': 30, 'eval.bpd_max_examples': 100})
-  comp = builder.build(config)
   state, _ = eval_lib.restore_for_eval(config, comp, workdir, 40)
   single = eval_lib.evaluate_checkpoint(config, comp, state, 40, str(tmp_path / 'single'))
   for key in ('eval_loss', 'bpd', 'bpd_stderr', 'test_logp_model', 'energy_distance_model',
