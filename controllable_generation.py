@@ -28,7 +28,7 @@ import numpy as np
 
 import sampling
 import sde_lib
-from sde_lib import batch_broadcast, sum_except_batch
+from sde_lib import batch_broadcast
 
 
 # -----------------------------------------------------------------------------
@@ -424,19 +424,11 @@ def moment_matching_score(sde, operator, score_fn, y, noise_std=0.0, cg_iters=50
                                sde_lib.as_pytree(score_fn), y)
 
 
-def _norm_with_zero_gradient_at_zero(r):
-  """||r|| per example, whose gradient r / ||r|| is taken as 0 where r = 0 (sqrt's
-  derivative is infinite there, and inf * 0 would make the whole sample NaN)."""
-  squared = sum_except_batch(r**2)
-  nonzero = squared > 0
-  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
-
-
 def _dps(sde, operator, step_size, score_fn, y, x, t):
   def residual_norm(x):
     score = score_fn(x, t)
     x0 = sde.tweedie_mean(x, t, score)
-    return jnp.sum(_norm_with_zero_gradient_at_zero(y - operator.forward(x0))), score
+    return jnp.sum(sde_lib.per_example_norm(y - operator.forward(x0))), score
 
   grad, score = jax.grad(residual_norm, has_aux=True)(x)
   _, g_step = sde.discretize(x, t)    # the reverse-diffusion step adds G^2 * score

@@ -31,10 +31,7 @@ import jax.numpy as jnp
 import fast_samplers
 import ode_solvers
 import sde_lib
-from sde_lib import batch_broadcast, sum_except_batch
-
-def _per_example_norm(v):
-  return jnp.sqrt(sum_except_batch(v**2))
+from sde_lib import batch_broadcast
 
 
 # -----------------------------------------------------------------------------
@@ -174,8 +171,8 @@ class Corrector(NamedTuple):
 
 def _snr_step(sde, t, score, z, snr):
   """Algorithm 5 of the SDE paper: eps = 2 alpha (snr ||z|| / ||s||)^2, norms averaged over the batch."""
-  grad_norm = jnp.mean(_per_example_norm(score))
-  noise_norm = jnp.mean(_per_example_norm(z))
+  grad_norm = jnp.mean(sde_lib.per_example_norm(score))
+  noise_norm = jnp.mean(sde_lib.per_example_norm(z))
   return 2 * sde.langevin_alpha(t) * (snr * noise_norm / grad_norm)**2
 
 

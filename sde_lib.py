@@ -29,6 +29,15 @@ def sum_except_batch(x: jax.Array) -> jax.Array:
   return jnp.sum(jnp.reshape(x, (x.shape[0], -1)), axis=-1)
 
 
+def per_example_norm(x: jax.Array) -> jax.Array:
+  """The Euclidean norm of each example of ``[batch, ...]``: ``[batch]``. Its gradient
+  x / ||x|| is taken as 0 where x = 0 (sqrt's derivative is infinite there, and inf * 0
+  would turn the whole example into NaN)."""
+  squared = sum_except_batch(x**2)
+  nonzero = squared > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
+
+
 def as_pytree(score_fn: ScoreFn) -> jax.tree_util.Partial:
   """A score function as a pytree, so that it passes through ``jax.jit`` as an argument.
 

@@ -238,6 +238,14 @@ def test_sum_except_batch_and_as_pytree():
   assert sde_lib.as_pytree(bound) is bound
 
 
+def test_per_example_norm_and_its_gradient_at_zero():
+  x = jnp.array([[[3.0, 4.0]], [[0.0, 0.0]]])
+  np.testing.assert_allclose(sde_lib.per_example_norm(x), [5.0, 0.0])
+  grad = jax.grad(lambda x: jnp.sum(sde_lib.per_example_norm(x)))(x)
+  np.testing.assert_allclose(grad[0], [[0.6, 0.8]], rtol=1e-6)   # x / ||x||
+  np.testing.assert_array_equal(grad[1], [[0.0, 0.0]])            # 0, not NaN, at x = 0
+
+
 @pytest.mark.parametrize('name', SDE_NAMES)
 def test_time_at_log_snr_inverts_log_snr(name, x64):
   """The closed-form inverses (VE: log sigma; VP: softplus; sub-VP: asinh) over [1e-5, T]."""
