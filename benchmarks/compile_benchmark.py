@@ -36,31 +36,13 @@ FLAG_SETS = {
 
 
 def _tiny_configs(data_dir):
-  """The networks of the tests at their tests' sizes (tests/run_helpers.py)."""
-  import importlib
-  out = {}
-  for name, module in (('ncsnv2', 've.ncsnv2.cifar10'), ('ncsnpp', 've.cifar10_ncsnpp_continuous')):
-    config = importlib.import_module(f'configs.{module}').get_config()
-    config.data.update(dataset='digits', image_size=16, num_channels=1, random_flip=False)
-    config.model.nf = 16
-    if config.model.name in ('ncsnpp', 'ddpm'):
-      config.model.update(ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
-    config.sde.num_scales = 20
-    config.training.batch_size = 8
-    config.sampling.update(batch_size=4, n_steps_each=1)
-    out[name] = config
-  from configs.vp import digits
-  config = digits.get_config()
-  config.model.update(nf=8, ch_mult=(1,), embed_dim=16)
-  config.sde.num_scales = 10
-  config.training.batch_size = 16
-  config.sampling.batch_size = 16
-  out['digits'] = config
-  from configs.toy import test
-  out['toy'] = test.get_config()
-  for config in out.values():
-    config.data.data_dir = data_dir
-  return out
+  """The networks of the tests at their tests' sizes, from the tests' own helpers."""
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  import run_helpers
+  return {'ncsnv2': run_helpers.tiny_paper_config('ve.ncsnv2.cifar10', data_dir),
+          'ncsnpp': run_helpers.tiny_paper_config('ve.cifar10_ncsnpp_continuous', data_dir),
+          'digits': run_helpers.tiny_digits_config(data_dir),
+          'toy': run_helpers.toy_config(data_dir)}
 
 
 def child(data_dir):

@@ -16,7 +16,7 @@ os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 # split for threads (three workers on two cores: the threads only compete). On the suite's
 # programs (paper networks' train steps and samplers, fast samplers) the first saves 45% of
 # compile CPU and the second 12% more (benchmarks/compile_benchmark.py). They also make some
-# programs run slower (a 2000-step Monte Carlo took twice as long), so tests marked
+# programs run slower (2000-step Monte Carlo tests took 2-3 times as long), so tests marked
 # ``optimized`` compile without them, as users' runs do. This process adds them per compile
 # (below); the processes the tests start read them from XLA_FLAGS.
 LOW_EFFORT_XLA_OPTIONS = {'xla_cpu_use_fusion_emitters': False,
