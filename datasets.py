@@ -67,6 +67,11 @@ def scaler(centered: bool) -> Callable:
   return lambda x: x
 
 
+def to_unit_range(x, centered: bool) -> np.ndarray:
+  """Images in the model's range to [0, 1] for display and fidelity, clipped (samples overshoot)."""
+  return np.clip(np.asarray(inverse_scaler(centered)(np.asarray(x))), 0, 1)
+
+
 def inverse_scaler(centered: bool) -> Callable:
   """The inverse of ``scaler(centered)``: the model's range -> [0, 1]."""
   if centered:

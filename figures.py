@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 import builder
 import controllable_generation as cg
+import datasets
 import eval_lib
 import gaussian_mixture
 import likelihood
@@ -600,13 +601,6 @@ def slerp(z0, z1, alphas):
   return np.stack(out).reshape((len(alphas),) + np.shape(z0))
 
 
-def to_unit_range(trained: Trained, x):
-  """Images as the model sees them ([-1, 1] when the config centers data) to [0, 1]."""
-  import datasets
-  return np.clip(np.asarray(datasets.inverse_scaler(trained.config.data.centered)(
-      np.asarray(x))), 0, 1)
-
-
 def _images_row(axes, images, titles=None):
   for i, ax in enumerate(axes):
     ax.imshow(np.clip(np.asarray(images[i])[..., 0], 0, 1), cmap='gray', vmin=0, vmax=1)
@@ -628,8 +622,8 @@ def latent_interpolation(trained: Trained, x_pair, n: int = 8) -> Shown:
   zs = jnp.asarray(slerp(np.asarray(z[0]), np.asarray(z[1]), alphas))
   xs, nfe_dec = likelihood.decode(sde, trained.score_fn, zs, eps=eps)
   fig = Figure(figsize=(1.2 * n, 1.6))
-  _images_row(fig.subplots(1, n, squeeze=False)[0], to_unit_range(trained, xs),
-              [f'{a:.2f}' for a in alphas])
+  _images_row(fig.subplots(1, n, squeeze=False)[0],
+              datasets.to_unit_range(xs, trained.config.data.centered), [f'{a:.2f}' for a in alphas])
   fig.suptitle('decoded slerp between the latents of two test digits', fontsize=9)
   fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'round_trip_rms': float(jnp.sqrt(jnp.mean((x_back - x_pair)**2))),
@@ -693,7 +687,7 @@ def class_conditional(key, trained: Trained, log_prob_fn, per_class: int = 6,
                                 predictor='reverse_diffusion', corrector='langevin',
                                 snr=trained.config.sampling.snr, eps=trained.config.sampling.eps)
   x, nfe = sample(key, score_fn)
-  images = evaluation.quantize_samples(to_unit_range(trained, x))
+  images = evaluation.quantize_samples(datasets.to_unit_range(x, trained.config.data.centered))
   predicted = np.argmax(evaluation.DigitsEvaluator()(images)[1], -1)
   accuracy = float(np.mean(predicted == np.asarray(labels)))
   fig = Figure(figsize=(per_class * 0.9, 10 * 0.9))
@@ -730,8 +724,9 @@ def inverse_problem(key, trained: Trained, truth, operator, method: str = 'momen
                                   noise_std=noise_std, eps=trained.config.sampling.eps, **options)
   x, nfe = sample(k_sample, trained.score_fn, jnp.repeat(y, reps, axis=0))
   # RMSE and spread on the [0, 1] intensity scale, whatever range the model works in.
-  x = to_unit_range(trained, x).reshape((n, reps) + tuple(truth.shape[1:]))
-  truth01, pinv01 = to_unit_range(trained, truth), to_unit_range(trained, operator.pinv(y))
+  to01 = functools.partial(datasets.to_unit_range, centered=trained.config.data.centered)
+  x = to01(x).reshape((n, reps) + tuple(truth.shape[1:]))
+  truth01, pinv01 = to01(truth), to01(operator.pinv(y))
   spread = x.std(1, ddof=1)   # the sample std: unbiased variance over few samples per example
   mean_rmse = float(np.sqrt(np.mean((x.mean(1) - truth01)**2)))
   pinv_rmse = float(np.sqrt(np.mean((pinv01 - truth01)**2)))

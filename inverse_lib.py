@@ -11,6 +11,7 @@ measurement is nearest to y.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -124,7 +125,7 @@ def inverse(config, workdir):
   x = np.asarray(jax.block_until_ready(x))
   wall = time.time() - t0
 
-  to01 = lambda v: np.clip(np.asarray(datasets.inverse_scaler(config.data.centered)(v)), 0, 1)
+  to01 = functools.partial(datasets.to_unit_range, centered=config.data.centered)
   lo, hi = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
   truth01 = to01(truth)
   samples01 = to01(np.clip(x, lo, hi))

@@ -451,3 +451,8 @@ def test_scalers_are_inverse():
   for centered in (False, True):
     np.testing.assert_allclose(datasets.inverse_scaler(centered)(datasets.scaler(centered)(x)), x)
   np.testing.assert_allclose(datasets.scaler(True)(x)[[0, -1]], [-1, 1])
+  # Display range: the inverse scaler, clipped to [0, 1] (samples overshoot the data range).
+  for centered in (False, True):
+    overshoot = datasets.scaler(centered)(np.array([-0.2, 0.0, 0.3, 1.0, 1.4]))
+    np.testing.assert_allclose(datasets.to_unit_range(overshoot, centered), [0, 0, 0.3, 1, 1],
+                               atol=1e-7)
