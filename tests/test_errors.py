@@ -79,10 +79,21 @@ def test_config_errors_are_one_line_without_traceback(tmp_path, args, expected):
   assert not (tmp_path / 'w').exists()
 
 
+def _reported(fn, verbose=False):
+  """What main.py prints for fn()'s user error: the exit message of errors.run_reporting."""
+  with pytest.raises(SystemExit) as e:
+    errors.run_reporting(fn, verbose)
+  return str(e.value.code)
+
+
 @pytest.mark.slow
 def test_run_errors_print_the_message_and_verbose_the_traceback(data_dir, tmp_path):
   """A bad setting found at start-up, and a workdir made by another config: a few lines
-  naming the field, no traceback, no "\\n" inside a line; --verbose adds the traceback."""
+  naming the field, no traceback, no "\\n" inside a line; --verbose adds the traceback.
+
+  The first goes through main.py end to end (its exit code and output). The others call what
+  main.py calls, errors.run_reporting around run_lib.run, in this process: each start of
+  main.py costs about 3 s of CPU (importing JAX and the library)."""
   args = ['--config', 'configs/toy/test.py', f'--config.data.data_dir={data_dir}',
           '--workdir', str(tmp_path), '--mode', 'sample']
   code, out = _main(args + ['--config.sde.name=vesde', '--config.sde.sigma_min=0'], ROOT)
@@ -90,19 +101,21 @@ def test_run_errors_print_the_message_and_verbose_the_traceback(data_dir, tmp_pa
   assert out.strip().splitlines() == [
       'error: Invalid config: VE noise levels need 0 < sde.sigma_min < sde.sigma_max, got '
       'sigma_min=0.0, sigma_max=50.0', errors.VERBOSE_HINT]
+  import run_lib
   workdir.check(toy_config(data_dir), str(tmp_path), 'train')   # a VP run's workdir
   os.makedirs(tmp_path / 'checkpoints' / 'snapshots' / '40')
-  code, out = _main(args + ['--config.sde.name=vesde'], ROOT)
-  assert code == 1 and 'Traceback' not in out and '\\n' not in out, out
-  lines = out.strip().splitlines()
+  ve = toy_config(data_dir, **{'sde.name': 'vesde'})
+  sample_ve = lambda: run_lib.run(ve, str(tmp_path), 'sample')
+  out = _reported(sample_ve)
+  assert '\\n' not in out, out
+  lines = out.splitlines()
   assert lines[0] == f'error: --workdir {tmp_path} holds checkpoints of another config ' \
                      f'({tmp_path}/config.json); these fields differ:'
   assert "  sde.name: 'vpsde' in the workdir, 'vesde' in this config" in lines
   assert lines[-1] == errors.VERBOSE_HINT
-  code, out = _main(args + ['--config.sde.name=vesde', '--verbose'], ROOT)
-  assert code == 1 and 'Traceback' in out and 'WorkdirMismatchError' in out, out
+  with pytest.raises(workdir.WorkdirMismatchError):   # --verbose: the error and its traceback
+    errors.run_reporting(sample_ve, verbose=True)
   # A workdir with nothing to evaluate.
   empty = tmp_path / 'empty'
-  code, out = _main(args[:-4] + ['--workdir', str(empty), '--mode', 'eval'], ROOT)
-  assert code == 1 and 'Traceback' not in out, out
+  out = _reported(lambda: run_lib.run(toy_config(data_dir), str(empty), 'eval'))
   assert f'error: No snapshot to evaluate in {empty}/checkpoints/snapshots (train first: ' in out

@@ -1,6 +1,7 @@
-"""docs/pretrained.ipynb runs top to bottom on a fresh kernel, at small sizes, on its import route.
+"""docs/pretrained.ipynb runs top to bottom on a fresh kernel, at small sizes, on both routes:
+importing a released checkpoint, and (its default) training the README's digits model.
 
-The notebook imports a checkpoint in the reference's real format: the tiny score_sde_pytorch
+On the import route, the notebook imports a checkpoint in the reference's real format: the tiny score_sde_pytorch
 NCSN++ (VE, continuous, Fourier features) of tests/fixtures, made by the reference's own
 training code (scripts/make_import_fixtures.py), under the config it was trained with
 (configs/ve/cifar10_ncsnpp_continuous.py shrunk as in tests/test_checkpoint_import.py). Its test
@@ -83,3 +84,38 @@ def test_pretrained_notebook_imports_a_reference_checkpoint_and_uses_it(tmp_path
   pictures = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs
               if 'image/png' in o.get('data', {})]
   assert len(pictures) == 5   # two sampler grids, the bits/dim images, two inverse problems
+
+
+@pytest.mark.slow
+def test_pretrained_notebook_trains_the_digits_model_by_default(tmp_path, data_dir):
+  """The default route (CHECKPOINT = None): the notebook trains configs/vp/digits.py through
+  run_lib.run into WORKDIR, samples, computes bits/dim and inpaints with it, and, the digits
+  being grey, trains the photos model for colorization. Sizes: 2 training steps each, a
+  narrow network, one sampler (the other samplers are the import route's test); 25 PC steps,
+  as VP's discrete Langevin step needs N > beta_max = 20."""
+  sizes = dict(TRAIN_STEPS=2, TRAIN_BATCH=8, TRAIN_WARMUP=1, PHOTOS_TRAIN_STEPS=2,
+               SAMPLERS=['ddim'], NUM_SAMPLES=4, PC_STEPS=25, FAST_STEPS=3, BPD_IMAGES=2,
+               BPD_TOL=1e-2, INVERSE_STEPS=25, INVERSE_EXAMPLES=2, INVERSE_SAMPLES=2)
+  narrow = {'model.nf': 8, 'model.ch_mult': (1,)}
+  params = dict(CONFIG_OVERRIDES=narrow, PHOTOS_CONFIG_OVERRIDES={'data.image_size': 8, **narrow},
+                WORKDIR=str(tmp_path / 'digits'), PHOTOS_WORKDIR=str(tmp_path / 'photos'), **sizes)
+  nb = run_notebook.execute(NOTEBOOK, params, env={datasets.DATA_DIR_ENV: data_dir})
+  text = _stdout(nb)
+
+  assert 'Imported' not in text
+  for workdir in ('digits', 'photos'):
+    assert os.path.isdir(tmp_path / workdir / 'checkpoints' / 'snapshots' / '2'), workdir
+  assert 'VPSDE, step 2, data (8, 8, 1)' in text
+  nfe = {m[1]: int(m[2]) for m in re.finditer(r'^(\w+) +(\d+) +[\d.]+$', text, re.M)}
+  assert nfe == {'ddim': sizes['FAST_STEPS'] + 1}
+  m = re.search(r'bits/dim of (\d+) test images: ([-\d.]+) \+- ([\d.]+) \(NFE (\d+)', text)
+  assert m and int(m[1]) == sizes['BPD_IMAGES'] and math.isfinite(float(m[2]))
+  # The grey digits model inpaints; colorization trains the photos model at 8x8 first.
+  n = sizes['INVERSE_EXAMPLES'] * sizes['INVERSE_SAMPLES']
+  assert f'inpainting: {n} posterior samples, {2 * sizes["INVERSE_STEPS"]} NFE' in text
+  assert 'photos model at step 2, ready after' in text
+  assert f'colorization: {n} posterior samples, {2 * sizes["INVERSE_STEPS"]} NFE' in text
+  pictures = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs
+              if 'image/png' in o.get('data', {})]
+  # One sampler grid, the bits/dim images, inpainting, the photos model's samples, colorization.
+  assert len(pictures) == 5
