@@ -1,13 +1,17 @@
 """docs/pretrained.ipynb runs top to bottom on a fresh kernel, at small sizes, on both routes:
 importing a released checkpoint, and (its default) training the README's digits model.
 
-On the import route, the notebook imports a checkpoint in the reference's real format: the tiny score_sde_pytorch
-NCSN++ (VE, continuous, Fourier features) of tests/fixtures, made by the reference's own
-training code (scripts/make_import_fixtures.py), under the config it was trained with
-(configs/ve/cifar10_ncsnpp_continuous.py shrunk as in tests/test_checkpoint_import.py). Its test
-images are the offline 'photos' patches, which have that model's 16x16x3 shape. The test reads
-what the notebook printed: every sampler of sampling.SAMPLERS with the NFE its settings imply,
-finite bits/dim, and the posterior samplers' NFE.
+On the import route, the notebook imports a checkpoint in the reference's real format: the
+tiny score_sde_pytorch NCSN++ (VE, continuous, Fourier features) of tests/fixtures, made by
+the reference's own training code (scripts/make_import_fixtures.py), under the config it was
+trained with (configs/ve/cifar10_ncsnpp_continuous.py shrunk as in
+tests/test_checkpoint_import.py). Its test images are the offline 'photos' patches, which have
+that model's 16x16x3 shape. The tests read what the notebook printed: the NFE each sampler's
+settings imply, finite bits/dim, and the posterior samplers' NFE.
+
+Between them the two routes run every sampler of sampling.SAMPLERS, each once: the paper's
+(PC and the adaptive ODE) on the imported VE network, the few-step solvers on the trained VP
+digits network.
 """
 import json
 import math
@@ -36,6 +40,20 @@ def _fixture_overrides(tag):
   return meta['config'][len('configs.'):].replace('.', '/'), out
 
 
+PAPER_SAMPLERS = ('pc', 'ode')
+FAST_SAMPLERS = tuple(n for n in sampling.SAMPLERS if n not in PAPER_SAMPLERS)
+
+
+def _sampler_nfe(text):
+  """The sampler table the notebook printed: {name: NFE}, in its order."""
+  return {m[1]: int(m[2]) for m in re.finditer(r'^(\w+) +(\d+) +[\d.]+$', text, re.M)}
+
+
+def _pictures(nb):
+  return [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs
+          if 'image/png' in o.get('data', {})]
+
+
 def _stdout(nb):
   return ''.join(o.get('text', '') for cell in nb.cells if cell.cell_type == 'code'
                  for o in cell.outputs if o.output_type == 'stream' and o.name == 'stdout')
@@ -49,7 +67,7 @@ def test_pretrained_notebook_imports_a_reference_checkpoint_and_uses_it(tmp_path
                INVERSE_STEPS=3, INVERSE_EXAMPLES=2, INVERSE_SAMPLES=2)
   params = dict(CHECKPOINT=os.path.join(FIXTURES, 'import_torch_ve_ncsnpp_continuous.pth'),
                 CHECKPOINT_CONFIG=config_name, CONFIG_OVERRIDES=overrides, DATASET='photos',
-                WORKDIR=str(tmp_path / 'imported'), **sizes)
+                WORKDIR=str(tmp_path / 'imported'), SAMPLERS=list(PAPER_SAMPLERS), **sizes)
   nb = run_notebook.execute(NOTEBOOK, params, env={datasets.DATA_DIR_ENV: data_dir})
   text = _stdout(nb)
 
@@ -57,15 +75,10 @@ def test_pretrained_notebook_imports_a_reference_checkpoint_and_uses_it(tmp_path
   assert os.path.isdir(tmp_path / 'imported' / 'checkpoints' / 'snapshots' / '7')
   assert 'VESDE, step 7, data (16, 16, 3)' in text
 
-  # The sampler table: name, NFE, seconds; every sampler, each with the NFE of its settings.
-  nfe = {m[1]: int(m[2]) for m in re.finditer(r'^(\w+) +(\d+) +[\d.]+$', text, re.M)}
-  assert list(nfe) == list(sampling.SAMPLERS)
-  steps = sizes['FAST_STEPS']
+  # The sampler table: name, NFE, seconds; each with the NFE of its settings.
+  nfe = _sampler_nfe(text)
+  assert list(nfe) == list(PAPER_SAMPLERS)
   assert nfe['pc'] == 2 * sizes['PC_STEPS']   # reverse diffusion + Langevin, one each per step
-  for name in ('ddim', 'dpm_solver_2m', 'dpm_solver_3m', 'unipc'):
-    assert nfe[name] == steps + 1, name      # one per step, one to denoise
-  for name in ('heun', 'dpm_solver_2s'):
-    assert nfe[name] == 2 * steps + 1, name  # two per step, one to denoise
   assert nfe['ode'] > 0
 
   # Bits/dim: finite and positive, the mean and each image's.
@@ -81,9 +94,7 @@ def test_pretrained_notebook_imports_a_reference_checkpoint_and_uses_it(tmp_path
     assert f'{task}: {n} posterior samples, {2 * sizes["INVERSE_STEPS"]} NFE' in text, task
   assert 'photos model at step' not in text
 
-  pictures = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs
-              if 'image/png' in o.get('data', {})]
-  assert len(pictures) == 5   # two sampler grids, the bits/dim images, two inverse problems
+  assert len(_pictures(nb)) == 4   # a sampler grid, the bits/dim images, two inverse problems
 
 
 @pytest.mark.slow
@@ -91,10 +102,10 @@ def test_pretrained_notebook_trains_the_digits_model_by_default(tmp_path, data_d
   """The default route (CHECKPOINT = None): the notebook trains configs/vp/digits.py through
   run_lib.run into WORKDIR, samples, computes bits/dim and inpaints with it, and, the digits
   being grey, trains the photos model for colorization. Sizes: 2 training steps each, a
-  narrow network, one sampler (the other samplers are the import route's test); 25 PC steps,
+  narrow network, the few-step solvers (PC and the ODE run on the import route); 25 PC steps,
   as VP's discrete Langevin step needs N > beta_max = 20."""
   sizes = dict(TRAIN_STEPS=2, TRAIN_BATCH=8, TRAIN_WARMUP=1, PHOTOS_TRAIN_STEPS=2,
-               SAMPLERS=['ddim'], NUM_SAMPLES=4, PC_STEPS=25, FAST_STEPS=3, BPD_IMAGES=2,
+               SAMPLERS=list(FAST_SAMPLERS), NUM_SAMPLES=4, PC_STEPS=25, FAST_STEPS=3, BPD_IMAGES=2,
                BPD_TOL=1e-2, INVERSE_STEPS=25, INVERSE_EXAMPLES=2, INVERSE_SAMPLES=2)
   narrow = {'model.nf': 8, 'model.ch_mult': (1,)}
   params = dict(CONFIG_OVERRIDES=narrow, PHOTOS_CONFIG_OVERRIDES={'data.image_size': 8, **narrow},
@@ -106,8 +117,13 @@ def test_pretrained_notebook_trains_the_digits_model_by_default(tmp_path, data_d
   for workdir in ('digits', 'photos'):
     assert os.path.isdir(tmp_path / workdir / 'checkpoints' / 'snapshots' / '2'), workdir
   assert 'VPSDE, step 2, data (8, 8, 1)' in text
-  nfe = {m[1]: int(m[2]) for m in re.finditer(r'^(\w+) +(\d+) +[\d.]+$', text, re.M)}
-  assert nfe == {'ddim': sizes['FAST_STEPS'] + 1}
+  nfe = _sampler_nfe(text)
+  assert list(nfe) == list(FAST_SAMPLERS)
+  steps = sizes['FAST_STEPS']
+  for name in ('ddim', 'dpm_solver_2m', 'dpm_solver_3m', 'unipc'):
+    assert nfe[name] == steps + 1, name      # one per step, one to denoise
+  for name in ('heun', 'dpm_solver_2s'):
+    assert nfe[name] == 2 * steps + 1, name  # two per step, one to denoise
   m = re.search(r'bits/dim of (\d+) test images: ([-\d.]+) \+- ([\d.]+) \(NFE (\d+)', text)
   assert m and int(m[1]) == sizes['BPD_IMAGES'] and math.isfinite(float(m[2]))
   # The grey digits model inpaints; colorization trains the photos model at 8x8 first.
@@ -115,7 +131,6 @@ def test_pretrained_notebook_trains_the_digits_model_by_default(tmp_path, data_d
   assert f'inpainting: {n} posterior samples, {2 * sizes["INVERSE_STEPS"]} NFE' in text
   assert 'photos model at step 2, ready after' in text
   assert f'colorization: {n} posterior samples, {2 * sizes["INVERSE_STEPS"]} NFE' in text
-  pictures = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs
-              if 'image/png' in o.get('data', {})]
-  # One sampler grid, the bits/dim images, inpainting, the photos model's samples, colorization.
-  assert len(pictures) == 5
+  # Two sampler grids (four a row), the bits/dim images, inpainting, the photos model's
+  # samples, colorization.
+  assert len(_pictures(nb)) == 6
