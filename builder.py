@@ -143,6 +143,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(0 <= sde.beta_min < sde.beta_max,
            f'{sde.name} needs 0 <= sde.beta_min < sde.beta_max, got beta_min={sde.beta_min}, '
            f'beta_max={sde.beta_max}')
+  if config.sampling.method == 'pc':
+    # The sampler traced on a zero score, shapes only (no network, nothing compiled): a
+    # setting it cannot run, such as VP's discrete chain with too few steps, fails at
+    # start-up rather than when the first samples are drawn, after training.
+    sampler = make_sampler(config, _sde_from_config(config), (1, 1))
+    try:
+      jax.eval_shape(lambda key: sampler(key, lambda x, t: jnp.zeros_like(x))[0],
+                     jax.random.PRNGKey(0))
+    except ValueError as e:
+      _check(False, str(e))
 
 
 def _make_mlp(config):

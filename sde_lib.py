@@ -10,6 +10,7 @@ Equation numbers refer to Song et al. 2021 ("SDE paper"), Song & Ermon 2019
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import flax.struct
@@ -350,8 +351,27 @@ class _BetaSchedule(SDE):
     abar = self.alphas_cumprod[self.discrete_index(t)]
     return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
+  def chain_betas(self, ancestral: bool = False):
+    """``discrete_betas`` for the steps that need them to stay a probability.
+
+    The DDPM chain scales by sqrt(1 - beta_i) (reverse diffusion; ancestral sampling divides
+    by it) and the Langevin correctors by alpha_i = 1 - beta_i, so with beta_max / N above 1
+    (at 1, for ancestral sampling) samples come out NaN, as the reference's do; such an N
+    is refused here, at trace time, naming the fix.
+    """
+    ratio = self.beta_max / self.N if isinstance(self.beta_max, numbers.Real) else None
+    if ratio is not None and (ratio >= 1 if ancestral else ratio > 1):
+      steps = 'ancestral sampling' if ancestral else "VP's reverse diffusion, the Langevin correctors"
+      bound, need = ('<', f'N > {self.beta_max:g}') if ancestral else ('<=', f'N >= {self.beta_max:g}')
+      raise ValueError(
+          f'{type(self).__name__} with N={self.N} steps: its discrete chain ({steps}) needs '
+          f'beta_max / N {bound} 1, here {self.beta_max:g} / {self.N}; use {need} '
+          "(sde.num_scales, or the pc sampler's steps), or a sampler without the chain "
+          "(euler_maruyama with corrector 'none', 'ode', a few-step solver)")
+    return self.discrete_betas
+
   def langevin_alpha(self, t):
-    return 1.0 - self.discrete_betas[self.discrete_index(t)]
+    return 1.0 - self.chain_betas()[self.discrete_index(t)]
 
   @property
   def prior_std(self):
@@ -384,13 +404,13 @@ class VPSDE(_BetaSchedule):
 
   def discretize(self, x, t):
     """DDPM chain (eq. 46): f = sqrt(1 - beta_i) x - x, G = sqrt(beta_i)."""
-    beta = self.discrete_betas[self.discrete_index(t)]
+    beta = self.chain_betas()[self.discrete_index(t)]
     f = batch_broadcast(jnp.sqrt(1.0 - beta), x) * x - x
     return f, jnp.sqrt(beta)
 
   def ancestral_step(self, x, t, score):
     """DDPM ancestral sampling (eq. 47): (x + beta_i s) / sqrt(1 - beta_i), noise sqrt(beta_i)."""
-    beta = self.discrete_betas[self.discrete_index(t)]
+    beta = self.chain_betas(ancestral=True)[self.discrete_index(t)]
     x_mean = (x + batch_broadcast(beta, x) * score) / batch_broadcast(jnp.sqrt(1.0 - beta), x)
     return x_mean, jnp.sqrt(beta)
 

@@ -54,12 +54,13 @@ def tiny_paper_config(name, data_dir):
 
 
 def tiny_digits_config(data_dir):
-  """configs/vp/digits.py shrunk: a narrow U-Net, 10 noise levels, 40 samples in rounds of 16."""
+  """configs/vp/digits.py shrunk: a narrow U-Net, 20 noise levels (the fewest VP's discrete
+  chain takes: beta_max / N <= 1), 40 samples in rounds of 16."""
   from configs.vp import digits
   config = digits.get_config()
   config.data.data_dir = data_dir
   config.model.update(nf=8, ch_mult=(1,), embed_dim=16)
-  config.sde.num_scales = 10
+  config.sde.num_scales = 20
   config.training.update(batch_size=16, n_iters=2, log_freq=1, snapshot_freq=2, preemption_freq=1,
                          snapshot_sampling=False)
   config.sampling.update(num_samples=40, batch_size=16)   # rounds of 16, 16 and 8

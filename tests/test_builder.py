@@ -44,7 +44,11 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
           ({'model.hidden': (64, 0)}, 'model.hidden must be'),
           ({'data.num_workers': -1}, 'data.num_workers must be an integer >= 0, got -1'),
           ({'data.prefetch': 0}, 'data.prefetch must be an integer >= 1, got 0'),
-          ({'data.memory_budget_mb': -5.0}, 'data.memory_budget_mb must be a number >= 0')]
+          ({'data.memory_budget_mb': -5.0}, 'data.memory_budget_mb must be a number >= 0'),
+          # VP's discrete chain with fewer steps than beta_max: NaN samples, refused at start-up.
+          ({'sde.num_scales': 10},
+           r'VPSDE with N=10 steps: .* needs beta_max / N <= 1, here 20 / 10; use N >= 20 '
+           r'\(sde.num_scales')]
   for overrides, message in more:
     config = toy_config(data_dir, **overrides)
     with pytest.raises(ValueError, match=message):
@@ -52,6 +56,10 @@ def test_bad_configs_fail_with_clear_messages(data_dir):
   with pytest.raises(ValueError, match=r"data.dataset='gaussian_mixtur'; valid: .*gaussian_mixture"):
     builder.validate_config(toy_config(data_dir, **{'data.dataset': 'gaussian_mixtur'}),
                             num_devices=1)
+  # Without the chain (Euler-Maruyama, no corrector) the same steps are fine.
+  builder.validate_config(toy_config(data_dir, **{
+      'sde.num_scales': 10, 'sampling.predictor': 'euler_maruyama', 'sampling.corrector': 'none'}),
+      num_devices=1)
   # A corrector-free sampler has no use for snr.
   builder.validate_config(toy_config(data_dir, **{'sampling.snr': 0.0, 'sampling.corrector': 'none'}),
                           num_devices=1)

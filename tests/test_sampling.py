@@ -1,4 +1,5 @@
 """Samplers reproduce a 2-D Gaussian mixture from its exact perturbed score."""
+import re
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +110,7 @@ class _CallCounter:
     ('reverse_diffusion', 'langevin', 2), ('none', 'ald', 3), ('euler_maruyama', 'none', 1),
     ('ancestral_sampling', 'ald', 1)])
 def test_pc_nfe_counts_real_evaluations(mixture, predictor, corrector, n_steps):
-  sde = make_sde('vpsde', N=20)
+  sde = make_sde('vpsde', N=21)   # VP's discrete chain needs N > beta_max = 20
   counter = _CallCounter(mixture.score_fn(sde))
   sampler = sampling.get_pc_sampler(sde, (8, 2), predictor, corrector, n_steps=n_steps)
   x, nfe = sampler(jax.random.PRNGKey(0), counter)
@@ -130,7 +131,7 @@ def test_ode_nfe_counts_real_evaluations(mixture, denoise):
 
 
 def test_new_parameters_do_not_recompile():
-  sde = make_sde('vpsde', N=10)
+  sde = make_sde('vpsde', N=20)   # the Langevin corrector's alpha_i = 1 - beta_i needs N >= 20
   traces = []
 
   def score(params, x, t):
@@ -160,6 +161,28 @@ def test_unknown_names_list_the_valid_ones():
     sampling.get_pc_sampler(sde, (1, 2), 'none', 'hmc')
   with pytest.raises(ValueError, match=r"ODE solver 'rk4'.*tsit5"):
     sampling.get_ode_sampler(sde, (1, 2), solver='rk4')
+
+
+@pytest.mark.parametrize('name, steps, predictor, corrector, message', [
+    ('vpsde', 10, 'reverse_diffusion', 'none', 'needs beta_max / N <= 1, here 20 / 10'),
+    ('vpsde', 19, 'euler_maruyama', 'langevin', 'needs beta_max / N <= 1, here 20 / 19'),
+    ('vpsde', 20, 'ancestral_sampling', 'none', 'needs beta_max / N < 1, here 20 / 20'),
+    ('subvpsde', 10, 'none', 'ald', 'needs beta_max / N <= 1, here 20 / 10'),
+])
+def test_discrete_chain_with_too_few_steps_is_refused_not_nan(mixture, name, steps, predictor,
+                                                             corrector, message):
+  """With N < beta_max the DDPM chain's 1 - beta_i goes negative (at N = beta_max ancestral
+  sampling divides by sqrt(0)): samples were NaN. Now a ValueError says which N works; one
+  step more (or a sampler without the chain) samples finite values."""
+  sde = make_sde(name)
+  score_fn = mixture.score_fn(sde)
+  get = lambda n, p, c: sampling.get_sampler('pc', sde, (200, 2), steps=n, predictor=p,
+                                             corrector=c)(jax.random.PRNGKey(0), score_fn)[0]
+  with pytest.raises(ValueError, match=re.escape(message)):
+    get(steps, predictor, corrector)
+  assert np.all(np.isfinite(np.asarray(get(steps + 1 if predictor == 'ancestral_sampling' else 20,
+                                           predictor, corrector))))
+  assert np.all(np.isfinite(np.asarray(get(steps, 'euler_maruyama', 'none'))))
 
 
 def test_ancestral_has_no_probability_flow(mixture):
