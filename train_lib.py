@@ -129,10 +129,16 @@ class Checkpoints:
 
   def __init__(self, workdir, keep):
     self.root = root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    self.snapshots = ocp.CheckpointManager(
-        os.path.join(root, 'snapshots'), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-    self.preemption = ocp.CheckpointManager(
-        os.path.join(root, 'preemption'), options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    # Each manager's barriers get its own name: a save ends in a thread whose barriers orbax
+    # names alike for every manager, so with several processes a snapshot still finishing
+    # while the preemption checkpoint started failed in one process ("Barrier
+    # ThreadSaveMultiHostValueHolder:set_value_start is already ongoing") and left the other
+    # waiting at the shutdown barrier (the two-process test hung so, now and then).
+    self.snapshots, self.preemption = (
+        ocp.CheckpointManager(os.path.join(root, kind), options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind)))
+        for kind, max_to_keep in (('snapshots', keep), ('preemption', 1)))
 
   def candidates(self):
     """(manager, step) of every checkpoint of either kind, newest first."""

@@ -129,12 +129,10 @@ def test_two_processes_train_in_step(data_dir, tmp_path):
           '--config.training.snapshot_sampling=False',
           '--config.eval.batch_size=30', '--config.eval.bpd_max_examples=100',
           '--config.eval.begin_ckpt=40']
-  # The two processes compile their own programs, without the run's shared compilation cache
-  # (as users' runs do: main.py sets none). With it, process 0 sometimes hung in its first
-  # training step until the shutdown barrier timed out: in 2 of 3 suite runs with every
-  # program cached (and once alone), and in 1 of 4 suite runs with the usual 0.5 s threshold.
-  # The cause is not established; on failure the message shows both processes' output.
-  env = {'JAX_PLATFORMS': 'cpu', 'JAX_ENABLE_COMPILATION_CACHE': 'false'}
+  # They read and write the run's shared compilation cache. (Until the checkpoint managers'
+  # barriers got their own names, process 0 sometimes waited at the shutdown barrier for
+  # 5 minutes: train_lib.Checkpoints.)
+  env = {'JAX_PLATFORMS': 'cpu'}
   config = toy_config(data_dir, **{'eval.batch_size': 30, 'eval.bpd_max_examples': 100})
   comp = builder.build(config)   # generates the dataset first, were this test the first to use it
   procs = [main_process(args + [f'--process_id={i}'], data_dir, env=env) for i in range(2)]
