@@ -104,7 +104,7 @@ SIZES = {
         # One narrow network for both models (seeds differ): the second trains from the first's
         # compiled program. The full size shows two architectures.
         digits_a=dict(nf=16), digits_b=dict(seed=1, nf=16),
-        num_scales=25,   # VP's discrete steps need N > beta_max = 20 (beta_i = beta(t_i) / N < 1)
+        num_scales=25,   # VP's discrete chain needs N >= beta_max = 20 (beta_max / N <= 1)
         classifier_steps=10, per_class=1, latent_examples=2, interpolation=3,
         inverse_examples=1, samples_per_example=2, cg_iters=5,
     ),
@@ -623,7 +623,8 @@ def latent_interpolation(trained: Trained, x_pair, n: int = 8) -> Shown:
   xs, nfe_dec = likelihood.decode(sde, trained.score_fn, zs, eps=eps)
   fig = Figure(figsize=(1.2 * n, 1.6))
   _images_row(fig.subplots(1, n, squeeze=False)[0],
-              datasets.to_unit_range(xs, trained.config.data.centered), [f'{a:.2f}' for a in alphas])
+              datasets.to_unit_range(xs, trained.config.data.centered),
+              [f'{a:.2f}' for a in alphas])
   fig.suptitle('decoded slerp between the latents of two test digits', fontsize=9)
   fig.tight_layout(rect=(0, 0, 1, 0.88))
   return Shown(fig, {'round_trip_rms': float(jnp.sqrt(jnp.mean((x_back - x_pair)**2))),

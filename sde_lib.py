@@ -361,7 +361,8 @@ class _BetaSchedule(SDE):
     """
     ratio = self.beta_max / self.N if isinstance(self.beta_max, numbers.Real) else None
     if ratio is not None and (ratio >= 1 if ancestral else ratio > 1):
-      steps = 'ancestral sampling' if ancestral else "VP's reverse diffusion, the Langevin correctors"
+      steps = ('ancestral sampling' if ancestral else 'reverse diffusion, the Langevin correctors'
+               if isinstance(self, VPSDE) else 'the Langevin correctors')
       bound, need = ('<', f'N > {self.beta_max:g}') if ancestral else ('<=', f'N >= {self.beta_max:g}')
       raise ValueError(
           f'{type(self).__name__} with N={self.N} steps: its discrete chain ({steps}) needs '

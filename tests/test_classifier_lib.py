@@ -74,7 +74,7 @@ def test_conditional_mode_writes_a_grid_and_the_target_accuracy(trained, data_di
   (README's measured figures come from a trained model)."""
   config, workdir, _ = trained
   config = config.copy_and_resolve_references()
-  config.sde.num_scales = 25    # VP's Langevin step needs beta_max / N < 1 (alpha = 1 - beta_i)
+  config.sde.num_scales = 25    # VP's Langevin step needs N >= 20 (alpha = 1 - beta_max / N >= 0)
   train_lib.train(config, workdir)
   args = ['--mode', 'conditional', '--workdir', workdir, '--config.model.nf=8', '--config.model.ch_mult=(1,)', '--config.model.embed_dim=16',
           '--config.sde.num_scales=25', '--config.training.n_iters=2',

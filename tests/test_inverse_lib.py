@@ -69,7 +69,7 @@ def test_nearest_training_image_baseline_finds_a_measured_training_image():
 def tiny_model(data_dir, tmp_path_factory):
   """A 2-step digits model, trained once for the mode's tests."""
   config = tiny_digits_config(data_dir)
-  config.sde.num_scales = 25    # VP's Langevin step needs beta_max / N < 1 (alpha = 1 - beta_i)
+  config.sde.num_scales = 25    # VP's Langevin step needs N >= 20 (alpha = 1 - beta_max / N >= 0)
   workdir = str(tmp_path_factory.mktemp('inverse'))
   train_lib.train(config, workdir)
   return config, workdir

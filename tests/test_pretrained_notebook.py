@@ -103,7 +103,7 @@ def test_pretrained_notebook_trains_the_digits_model_by_default(tmp_path, data_d
   run_lib.run into WORKDIR, samples, computes bits/dim and inpaints with it, and, the digits
   being grey, trains the photos model for colorization. Sizes: 2 training steps each, a
   narrow network, the few-step solvers (PC and the ODE run on the import route); 25 PC steps,
-  as VP's discrete Langevin step needs N > beta_max = 20."""
+  as VP's discrete Langevin step needs N >= beta_max = 20."""
   sizes = dict(TRAIN_STEPS=2, TRAIN_BATCH=8, TRAIN_WARMUP=1, PHOTOS_TRAIN_STEPS=2,
                SAMPLERS=list(FAST_SAMPLERS), NUM_SAMPLES=4, PC_STEPS=25, FAST_STEPS=3, BPD_IMAGES=2,
                BPD_TOL=1e-2, INVERSE_STEPS=25, INVERSE_EXAMPLES=2, INVERSE_SAMPLES=2)
