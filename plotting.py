@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+import datasets
+
 
 def _pyplot():
   import matplotlib
@@ -22,10 +24,7 @@ SEPARATOR_RGB = (0.2, 0.4, 0.8)
 def image_grid(x, centered=False, cols=None):
   """[N, H, W, C] in [0, 1] (or [-1, 1]) to one uint8 RGB grid [rows (H + 1) + 1, cols (W + 1)
   + 1, 3], images separated by SEPARATOR_RGB lines (cols: default about sqrt(N))."""
-  x = np.asarray(x, np.float32)
-  if centered:
-    x = (x + 1) / 2
-  x = np.clip(x, 0, 1)
+  x = datasets.to_unit_range(np.asarray(x, np.float32), centered)
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   n, h, w, c = x.shape

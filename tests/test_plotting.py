@@ -23,6 +23,11 @@ def test_grid_places_each_image_between_separator_lines():
   assert np.all(grid[6:10, 9:12] == separator)   # the empty sixth cell
   # No grey level equals the separator.
   assert len(set(separator.tolist())) == 3
+  # Centered data ([-1, 1]) give the same grid; values past the range are clipped.
+  centered = plotting.image_grid(2 * x - 1, centered=True, cols=3)
+  assert np.abs(centered.astype(int) - grid).max() <= 1   # float rounding at k + 1/2
+  np.testing.assert_array_equal(plotting.image_grid(np.full((1, 2, 2, 1), 1.7), cols=1)[1:3, 1:3],
+                                255)
 
 
 def test_small_images_are_drawn_large_under_a_title(tmp_path):
