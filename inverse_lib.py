@@ -128,7 +128,7 @@ def inverse(config, workdir):
   to01 = functools.partial(datasets.to_unit_range, centered=config.data.centered)
   lo, hi = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
   truth01 = to01(truth)
-  samples01 = to01(np.clip(x, lo, hi))
+  samples01 = to01(x)
   mean01 = samples01.reshape((n, reps) + samples01.shape[1:]).mean(1)
   report = {'step': int(step), 'task': inv.task, 'method': inv.method, 'sde': config.sde.name,
             'noise_std': float(inv.noise_std), 'options': method_options(inv, comp.data_std),
@@ -144,7 +144,7 @@ def inverse(config, workdir):
   out_dir = os.path.join(workdir, 'inverse')
   os.makedirs(out_dir, exist_ok=True)
   name = f'{inv.task}_{inv.method}_{step}'
-  rows = [np.concatenate([truth01[i:i + 1], to01(np.clip(base['pseudo_inverse'][i:i + 1], lo, hi)),
+  rows = [np.concatenate([truth01[i:i + 1], to01(base['pseudo_inverse'][i:i + 1]),
                           samples01[i * reps:(i + 1) * reps]]) for i in range(n)]
   png = os.path.join(out_dir, name + '.png')
   plotting.save_samples(png, np.concatenate(rows), config.data.dataset, cols=reps + 2)
