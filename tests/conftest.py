@@ -88,9 +88,12 @@ def _xla_optimization(request, monkeypatch):
 
 
 def pytest_unconfigure(config):
-  """The process that made the run's cache (pytest itself, not an xdist worker) removes it."""
-  if os.environ.get('SCORE_SDE_TEST_CACHE_OWNER') == str(os.getpid()):
-    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  """The process that made the run's cache or data directory (pytest itself, not an xdist
+  worker) removes it."""
+  for directory, owner in (('JAX_COMPILATION_CACHE_DIR', 'SCORE_SDE_TEST_CACHE_OWNER'),
+                           ('SCORE_SDE_TEST_DATA_DIR', 'SCORE_SDE_TEST_DATA_OWNER')):
+    if os.environ.get(owner) == str(os.getpid()):
+      shutil.rmtree(os.environ[directory], ignore_errors=True)
 
 import gaussian_mixture  # noqa: E402
 import sde_lib  # noqa: E402
@@ -114,10 +117,19 @@ def x64():
     jax.clear_caches()
 
 
+# One directory for the embedded datasets (toy, digits, photos) per test run, shared like the
+# compilation cache: each is generated once, not once per xdist worker (a toy distribution's
+# 60,000 points take 4 s to write). Workers that generate one at the same moment are what
+# datasets.py handles for hosts on one disk: the copy renamed into place first is used.
+if 'SCORE_SDE_TEST_DATA_DIR' not in os.environ:
+  os.environ['SCORE_SDE_TEST_DATA_DIR'] = tempfile.mkdtemp(prefix='score_sde_test_data_')
+  os.environ['SCORE_SDE_TEST_DATA_OWNER'] = str(os.getpid())
+
+
 @pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  """Where the embedded datasets (toy, digits) are generated once for the whole session."""
-  return str(tmp_path_factory.mktemp('data'))
+def data_dir():
+  """Where the embedded datasets are generated once for the whole run (all workers)."""
+  return os.environ['SCORE_SDE_TEST_DATA_DIR']
 
 
 @pytest.fixture(scope='session')
