@@ -221,14 +221,15 @@ def train_toy(config, mix=MIXTURE, steps_per_call: int = 50) -> Trained:
   data_std = float(np.std(np.asarray(mix.sample(jax.random.PRNGKey(12345), 10_000))))
   comp = builder.build_components(config, (2,), data_std)
   state = train_lib.init_state(config, comp)
-  step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed, unroll=False,
+  step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, unroll=False,
                                            ema_warmup=config.model.ema_warmup))
+  key = train_lib.train_key(config)
   data_key = builder.stream_key(config.seed, 'data')
   bs = config.training.batch_size
   for call in range(math.ceil(config.training.n_iters / steps_per_call)):
     n = min(steps_per_call, config.training.n_iters - call * steps_per_call)
     x = mix.sample(jax.random.fold_in(data_key, call), n * bs).reshape(n, bs, 2)
-    state, _ = step(state, {'x': x})
+    state, _ = step(state, {'x': x}, key)
   return Trained(config, comp, state.ema_params, comp.score_fn(state.ema_params))
 
 

@@ -59,20 +59,22 @@ def ema_decay(ema_rate: float, step, warmup: bool = False):
   return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
 
 
-def make_train_step(comp: builder.Components, ema_rate: float, seed: int, unroll: bool | None = None,
+def make_train_step(comp: builder.Components, ema_rate: float, unroll: bool | None = None,
                     ema_warmup: bool = False):
-  """Steps of loss, gradients, optimizer update and EMA over ``[steps, batch, ...]`` batches.
+  """``multi_step(state, batches, key)``: steps of loss, gradients, optimizer update and EMA
+  over ``[steps, batch, ...]`` batches.
 
-  Keys are folded with the step. ``unroll`` writes the steps out instead of looping
+  The loss's key of a step is ``key`` (the run's 'train' stream, ``train_key``) folded with
+  the step. It is an argument, not a constant of the program: runs that differ only in their
+  seed share one compiled step. ``unroll`` writes the steps out instead of looping
   (default: on CPU only). XLA:CPU runs a convolution's gradient inside a loop body about
   30 times slower than in straight-line code (benchmarks/train_benchmark.py measures it),
   while accelerators prefer the loop, which compiles once for any number of steps.
   """
   if unroll is None:
     unroll = jax.default_backend() == 'cpu'
-  base_key = builder.stream_key(seed, 'train')
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, base_key):
     key = jax.random.fold_in(base_key, state.step)
     loss, grads = jax.value_and_grad(comp.loss_fn)(state.params, key, batch)
     updates, opt_state = comp.optimizer.update(grads, state.opt_state, state.params)
@@ -81,25 +83,31 @@ def make_train_step(comp: builder.Components, ema_rate: float, seed: int, unroll
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     return TrainState(state.step + 1, params, ema, opt_state), loss
 
-  def multi_step(state, batches):
+  def multi_step(state, batches, key):
     if not unroll:
-      return jax.lax.scan(step, state, batches)
+      return jax.lax.scan(lambda s, b: step(s, b, key), state, batches)
     # Written out step by step: scan(unroll=True) over one step is still a loop of one trip.
     losses = []
     for i in range(jax.tree.leaves(batches)[0].shape[0]):
-      state, loss = step(state, jax.tree.map(lambda a, i=i: a[i], batches))
+      state, loss = step(state, jax.tree.map(lambda a, i=i: a[i], batches), key)
       losses.append(loss)
     return state, jnp.stack(losses)
 
   return multi_step
 
 
+def train_key(config) -> jax.Array:
+  """The key of the training stream (the loss's noise and times), folded with each step."""
+  return builder.stream_key(config.seed, 'train')
+
+
 def compile_train_step(comp, config, mesh, unroll: bool | None = None):
+  """``(step_fn, batch_sharding)``: the jitted ``multi_step(state, batches, key)`` of
+  make_train_step (state donated) and the sharding of its batches."""
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(None, 'data'))   # [steps_per_call, batch, ...]
-  fn = make_train_step(comp, config.model.ema_rate, config.seed, unroll,
-                       config.model.ema_warmup)
-  return jax.jit(fn, in_shardings=(replicated, batch_sharding),
+  fn = make_train_step(comp, config.model.ema_rate, unroll, config.model.ema_warmup)
+  return jax.jit(fn, in_shardings=(replicated, batch_sharding, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0), batch_sharding
 
 
@@ -367,6 +375,7 @@ def train(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   step_fn, batch_sharding = compile_train_step(comp, config, mesh)
+  key = train_key(config)
   ckpts = Checkpoints(workdir, config.training.snapshot_keep)
   state = init_state(config, comp)
   restored, start = ckpts.restore_newest(state)
@@ -400,7 +409,7 @@ def train(config, workdir):
       batches = next(batches_of_calls, None)
       log_due = None
       for first, n in calls:
-        state, losses = step_fn(state, batches)   # returns at once; the devices run it
+        state, losses = step_fn(state, batches, key)   # returns at once; the devices run it
         pending.add(first, losses)
         step = first + n
         if log_due is not None:   # the previous call's log line, read while this call runs

@@ -63,8 +63,8 @@ def child(data_dir):
     state = jax.eval_shape(lambda: train_lib.init_state(config, comp))
     batch = jax.eval_shape(lambda: jax.tree.map(lambda a: jnp.asarray(a)[None],
                                                 comp.train_data.batch(0)))
-    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed, True))
-    lowered[f'{name} train step'] = step.lower(state, batch)
+    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, True))
+    lowered[f'{name} train step'] = step.lower(state, batch, train_lib.train_key(config))
     sample = jax.jit(lambda key, params, comp=comp: comp.sampler(key, comp.score_fn(params)))
     lowered[f'{name} sampler'] = sample.lower(jax.random.PRNGKey(0), state.params)
   mix = gaussian_mixture.two_dimensional_example()

@@ -124,11 +124,12 @@ def step_alone(config, calls):
                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   k = config.training.steps_per_call
   batches = train_lib.global_batches(comp, 0, k, sharding)
-  state, loss = step_fn(state, batches)   # compiles
+  key = train_lib.train_key(config)
+  state, loss = step_fn(state, batches, key)   # compiles
   jax.block_until_ready(loss)
   t0 = time.perf_counter()
   for _ in range(calls):
-    state, loss = step_fn(state, batches)
+    state, loss = step_fn(state, batches, key)
   jax.block_until_ready((state, loss))
   return (time.perf_counter() - t0) / (calls * k)
 

@@ -182,7 +182,8 @@ def measure(name, batch, dtype, repeats, warmup, tiny):
                         jax.eval_shape(lambda: train_lib.init_state(config, comp)))
   batches = jax.device_put({'image': x[None]}, batch_sharding)
   t0 = time.perf_counter()
-  step = step_fn.lower(shapes, batches).compile()
+  key = train_lib.train_key(config)
+  step = step_fn.lower(shapes, batches, key).compile()
   row['train_compile_s'] = time.perf_counter() - t0
   row['train_memory_bytes'] = _memory(step)
   row['train_flops'] = _flops(step)
@@ -200,7 +201,7 @@ def measure(name, batch, dtype, repeats, warmup, tiny):
     def step_args(out):
       if out is not None:
         holder['state'] = out[0]
-      return holder['state'], batches
+      return holder['state'], batches, key
 
     row['train_step_s'], out = timed(step, step_args)
     row['train_loss'] = float(np.asarray(out[1])[0])

@@ -43,13 +43,14 @@ def steps_per_second(config, steps, steps_per_call, unroll=None):
   mesh = parallel.make_mesh()
   step_fn, sharding = train_lib.compile_train_step(comp, config, mesh, unroll)
   state = jax.device_put(train_lib.init_state(config, comp), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  state, loss = step_fn(state, train_lib.global_batches(comp, 0, steps_per_call, sharding))   # compile
+  key = train_lib.train_key(config)
+  state, loss = step_fn(state, train_lib.global_batches(comp, 0, steps_per_call, sharding), key)   # compile
   jax.block_until_ready(loss)
   t0 = time.perf_counter()
   done = 0
   while done < steps:
     batches = train_lib.global_batches(comp, steps_per_call + done, steps_per_call, sharding)
-    state, loss = step_fn(state, batches)
+    state, loss = step_fn(state, batches, key)
     np.asarray(loss)   # the training loop reads the loss every call (NaN check)
     done += steps_per_call
   return done / (time.perf_counter() - t0)

@@ -374,9 +374,9 @@ def test_bf16_config_trains_one_step_through_train_lib():
   params = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype),
                         shapes.params)
   state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, params, comp.optimizer.init(params))
-  step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed))
+  step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate))
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 4, 4, 4, 3)), jnp.float32)
-  new_state, loss = step(state, {'image': x})
+  new_state, loss = step(state, {'image': x}, train_lib.train_key(config))
   assert np.all(np.isfinite(np.asarray(loss)))
   moved = jax.tree.map(lambda a, b: float(jnp.sum(jnp.abs(a - b))), new_state.params, params)
   assert sum(jax.tree.leaves(moved)) > 0          # finite float32 gradients reached the params

@@ -93,7 +93,8 @@ SHARDED_SCRIPT = textwrap.dedent('''
       assert len(b['x'].sharding.device_set) == n
       step_fn, bsh = train_lib.compile_train_step(comp, config, mesh)
       fresh = jax.device_put(jax.tree.map(np.array, state), rep)   # the step donates its input
-      s, losses = step_fn(fresh, train_lib.global_batches(comp, 0, 1, bsh))
+      s, losses = step_fn(fresh, train_lib.global_batches(comp, 0, 1, bsh),
+                          train_lib.train_key(config))
       out[n] = (float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)], float(losses[0]),
                 [np.asarray(p) for p in jax.tree.leaves(s.params)])
     np.testing.assert_allclose(out[8][0], out[1][0], rtol=1e-5)
@@ -256,8 +257,8 @@ def test_ema_warmup_follows_the_pytorch_reference(data_dir):
   state = train_lib.init_state(config, comp)
   batch = jax.tree.map(lambda a: a[None], comp.train_data.batch(0))
   for warmup, decay in ((True, 2 / 11), (False, config.model.ema_rate)):
-    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed, True, warmup))
-    new, _ = step(jax.tree.map(jnp.copy, state), batch)
+    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, True, warmup))
+    new, _ = step(jax.tree.map(jnp.copy, state), batch, train_lib.train_key(config))
     want = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, new.params)
     for got, w in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(want)):
       np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-5, atol=1e-7)
@@ -273,9 +274,9 @@ def test_scanned_steps_equal_written_out_steps(data_dir):
   batches = jax.tree.map(lambda *xs: np.stack(xs), *[comp.train_data.batch(s) for s in range(3)])
   out = {}
   for unroll in (True, False):
-    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, config.seed, unroll,
+    step = jax.jit(train_lib.make_train_step(comp, config.model.ema_rate, unroll,
                                              config.model.ema_warmup))
-    out[unroll] = step(jax.tree.map(jnp.copy, state), batches)
+    out[unroll] = step(jax.tree.map(jnp.copy, state), batches, train_lib.train_key(config))
   (s_unrolled, l_unrolled), (s_scanned, l_scanned) = out[True], out[False]
   np.testing.assert_allclose(np.asarray(l_scanned), np.asarray(l_unrolled), rtol=1e-5)
   assert int(s_scanned.step) == int(s_unrolled.step) == 3
