@@ -324,6 +324,8 @@ class _BetaSchedule(SDE):
   """
   beta_min: float
   beta_max: float
+  # The sampling steps that use the discrete chain's betas (named in chain_betas' error).
+  _CHAIN_STEPS = 'the Langevin correctors'
 
   def int_beta(self, t):
     return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
@@ -361,8 +363,7 @@ class _BetaSchedule(SDE):
     """
     ratio = self.beta_max / self.N if isinstance(self.beta_max, numbers.Real) else None
     if ratio is not None and (ratio >= 1 if ancestral else ratio > 1):
-      steps = ('ancestral sampling' if ancestral else 'reverse diffusion, the Langevin correctors'
-               if isinstance(self, VPSDE) else 'the Langevin correctors')
+      steps = 'ancestral sampling' if ancestral else self._CHAIN_STEPS
       bound, need = ('<', f'N > {self.beta_max:g}') if ancestral else ('<=', f'N >= {self.beta_max:g}')
       raise ValueError(
           f'{type(self).__name__} with N={self.N} steps: its discrete chain ({steps}) needs '
@@ -385,6 +386,7 @@ class VPSDE(_BetaSchedule):
   beta_min: float = 0.1
   beta_max: float = 20.0
   N: int = flax.struct.field(pytree_node=False, default=1000)
+  _CHAIN_STEPS = 'reverse diffusion, the Langevin correctors'
 
   def sde(self, x, t):
     beta = self.beta(t)
