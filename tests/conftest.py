@@ -63,7 +63,10 @@ def _start_backend():
   finally:
     # Every thread, not only this one: those the backend started inherited the one core.
     for thread in os.listdir('/proc/self/task'):
-      os.sched_setaffinity(int(thread), cpus)
+      try:
+        os.sched_setaffinity(int(thread), cpus)
+      except ProcessLookupError:   # the thread has ended since
+        pass
 
 
 _start_backend()
