@@ -41,7 +41,6 @@ import pytest  # noqa: E402
 from jax._src import compiler as _jax_compiler  # noqa: E402
 
 
-
 def _start_backend():
   """Starts JAX's CPU backend, which reads XLA_FLAGS (without the options) once.
 
@@ -127,15 +126,28 @@ if _original_get_compile_options is not None:
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
+# (variable, owner variable) of each directory made for one test run (below).
+_RUN_DIRECTORIES = []
+
+
+def _run_directory(variable: str, owner: str, prefix: str) -> str:
+  """The test run's directory named by $variable. The first process of the run (pytest
+  itself) makes it and is its owner; the xdist workers and the processes the tests start
+  inherit the environment and use the same one. The owner removes it (pytest_unconfigure)."""
+  _RUN_DIRECTORIES.append((variable, owner))
+  if variable not in os.environ:
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    os.environ[owner] = str(os.getpid())
+  return os.environ[variable]
+
+
 # One persistent compilation cache per test run, shared by the xdist workers and by the
-# processes the tests start (both inherit this environment from the first process): many
-# tests build the same program (a toy train step, a sampler) through fresh closures, which
-# JAX would otherwise compile again each time. It keys on the program: no result changes.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='score_sde_test_jax_cache_')
-  os.environ['SCORE_SDE_TEST_CACHE_OWNER'] = str(os.getpid())
+# processes the tests start: many tests build the same program (a toy train step, a
+# sampler) through fresh closures, which JAX would otherwise compile again each time. It
+# keys on the program: no result changes.
+jax.config.update('jax_compilation_cache_dir', _run_directory(
+    'JAX_COMPILATION_CACHE_DIR', 'SCORE_SDE_TEST_CACHE_OWNER', 'score_sde_test_jax_cache_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
-jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
@@ -160,8 +172,7 @@ def _xla_optimization(request, monkeypatch):
 def pytest_unconfigure(config):
   """The process that made the run's cache or data directory (pytest itself, not an xdist
   worker) removes it."""
-  for directory, owner in (('JAX_COMPILATION_CACHE_DIR', 'SCORE_SDE_TEST_CACHE_OWNER'),
-                           ('SCORE_SDE_TEST_DATA_DIR', 'SCORE_SDE_TEST_DATA_OWNER')):
+  for directory, owner in _RUN_DIRECTORIES:
     if os.environ.get(owner) == str(os.getpid()):
       shutil.rmtree(os.environ[directory], ignore_errors=True)
 
@@ -191,15 +202,14 @@ def x64():
 # compilation cache: each is generated once, not once per xdist worker (a toy distribution's
 # 60,000 points take 4 s to write). Workers that generate one at the same moment are what
 # datasets.py handles for hosts on one disk: the copy renamed into place first is used.
-if 'SCORE_SDE_TEST_DATA_DIR' not in os.environ:
-  os.environ['SCORE_SDE_TEST_DATA_DIR'] = tempfile.mkdtemp(prefix='score_sde_test_data_')
-  os.environ['SCORE_SDE_TEST_DATA_OWNER'] = str(os.getpid())
+_DATA_DIR = _run_directory('SCORE_SDE_TEST_DATA_DIR', 'SCORE_SDE_TEST_DATA_OWNER',
+                           'score_sde_test_data_')
 
 
 @pytest.fixture(scope='session')
 def data_dir():
   """Where the embedded datasets are generated once for the whole run (all workers)."""
-  return os.environ['SCORE_SDE_TEST_DATA_DIR']
+  return _DATA_DIR
 
 
 @pytest.fixture(scope='session')
